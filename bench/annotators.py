@@ -1,6 +1,6 @@
 """Time the offline annotators over a Weibo CoNLL file and count the labels they produce.
 
-    python bench/annotators.py [--path /work/shared/data/weibo/train.conll] [--annotators lac jieba]
+    python bench/annotators.py [--path ../shared/data/weibo/train.conll] [--annotators lac jieba]
 
 Prints markdown: speed per annotator (model load timed apart from annotation), label
 counts per source, and rejection counts per reason.
@@ -17,44 +17,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from knowfree_core.annotators.base import STEPS, get_annotator  # noqa: E402
-from knowfree_core.records import Sentence  # noqa: E402
-
-
-def read_weibo_chars(path: Path) -> list[Sentence]:
-    """``CHAR<position in word>\\tTAG`` per line, blank line between sentences.
-
-    The position suffix may have two digits ("p10") and a few characters are two code
-    points, so the suffix to strip is the one that continues the count (or restarts it).
-    """
-    sentences: list[Sentence] = []
-    units: list[str] = []
-    previous = -1
-    for line in path.read_text(encoding="utf-8").splitlines() + [""]:
-        if not line.strip():
-            if units:
-                sentences.append(Sentence(f"{path.stem}-{len(sentences)}", units))
-            units, previous = [], -1
-            continue
-        cell = line.split("\t")[0]
-        for position in (previous + 1, 0):
-            suffix = str(position)
-            if cell.endswith(suffix) and len(cell) > len(suffix):
-                units.append(cell[: -len(suffix)])
-                previous = position
-                break
-        else:
-            units.append(cell[:-1])
-            previous = -1
-    return sentences
+from knowfree_core.formats import read_dataset  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--path", type=Path, default=Path("/work/shared/data/weibo/train.conll"))
+    parser.add_argument("--path", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "weibo" / "train.conll")
     parser.add_argument("--annotators", nargs="+", default=["lac", "jieba"])
     args = parser.parse_args()
 
-    sentences = read_weibo_chars(args.path)
+    sentences = read_dataset(args.path)
     chars = sum(len(s) for s in sentences)
     print(f"{args.path}: {len(sentences)} sentences, {chars} characters, steps {STEPS}\n")
 

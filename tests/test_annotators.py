@@ -20,9 +20,10 @@ from knowfree_core.annotators.base import (
     apply_annotations,
     get_annotator,
 )
+from knowfree_core.formats import read_dataset
 from knowfree_core.records import ExtensionSpan, Sentence
 
-WEIBO_DEV = Path("/work/shared/data/weibo/dev.conll")
+WEIBO_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "weibo" / "dev.conll"
 STEPS = ("ent", "seg", "pos")
 
 SENTENCES = [
@@ -294,41 +295,9 @@ def test_unknown_annotator_name_lists_known_ones():
 # --- real data -----------------------------------------------------------------------
 
 
-def read_conll_chars(path: Path, limit: int) -> list[Sentence]:
-    """Tiny Weibo reader: ``CHAR<position in word>\\tTAG``, blank line between sentences.
-
-    The position counts up within a word and can have two digits ("p10"), and a few
-    "characters" are two code points, so the suffix to strip is 0 or previous + 1.
-    """
-    sentences: list[Sentence] = []
-    units: list[str] = []
-    previous = -1
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            if units:
-                sentences.append(Sentence(f"{path.stem}-{len(sentences)}", units))
-                units, previous = [], -1
-                if len(sentences) == limit:
-                    break
-            continue
-        cell = line.split("\t")[0]
-        for position in (previous + 1, 0):
-            suffix = str(position)
-            if cell.endswith(suffix) and len(cell) > len(suffix):
-                units.append(cell[: -len(suffix)])
-                previous = position
-                break
-        else:
-            units.append(cell[:-1])
-            previous = -1
-    if units and len(sentences) < limit:
-        sentences.append(Sentence(f"{path.stem}-{len(sentences)}", units))
-    return sentences
-
-
 @pytest.mark.skipif(not WEIBO_DEV.exists(), reason="Weibo dev file absent")
 def test_weibo_dev_first_50(annotator):
-    sentences = read_conll_chars(WEIBO_DEV, 50)
+    sentences = read_dataset(WEIBO_DEV)[:50]
     assert len(sentences) == 50
     results = annotator.annotate(sentences, STEPS)
     words = rejections = 0
