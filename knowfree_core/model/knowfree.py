@@ -1,0 +1,195 @@
+"""The full KnowFREE model: unit encoder → span head, plus loss, prediction and save/load.
+
+A saved model is a directory that loads without the training code's config files:
+
+    model_dir/
+      knowfree.json        model + encoder options, format version
+      labels.json          the label vocabulary (targets first, then extension labels)
+      head.safetensors     span-head weights
+      encoder/             the encoder as a transformers model + tokenizer (+ unit-encoder extras)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import EncoderConfig, ModelConfig
+from ..decoding import decode_flat, decode_nested
+from ..encoders.unit_encoder import UnitEncoder
+from ..errors import KnowFreeError
+from ..labels import LabelVocab
+from ..records import Sentence, Span
+from .head import KnowFreeHead, span_grid_mask
+from .loss import extension_label_weights, span_bce_loss
+from .targets import build_span_targets
+
+FORMAT_VERSION = 1
+
+
+def _encoder_options(config: EncoderConfig) -> dict:
+    if config.unit_mode == "auto":
+        raise ValueError("encoder.unit_mode must be resolved to 'char' or 'word' before building the model")
+    return {
+        "unit_mode": config.unit_mode,
+        "pooling": config.pooling,
+        "layers": config.layers,
+        "num_layers": config.num_layers,
+        "freeze_word_embeddings": config.freeze_word_embeddings,
+        "max_length": config.max_length,
+        "stride": config.stride,
+    }
+
+
+class KnowFreeModel(nn.Module):
+    def __init__(self, encoder: UnitEncoder, head: KnowFreeHead, vocab: LabelVocab, config: ModelConfig,
+                 encoder_config: EncoderConfig):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.vocab = vocab
+        self.config = config
+        self.encoder_config = encoder_config
+        weights = torch.ones(len(vocab))
+        if vocab.num_extensions:
+            weights[vocab.num_targets :] = torch.as_tensor(
+                extension_label_weights(
+                    [vocab.target_counts.get(label, 0) for label in vocab.targets],
+                    [vocab.extension_counts.get(label, 0) for label in vocab.extensions],
+                    scale=config.alpha_scale,
+                    fixed=config.alpha_fixed,
+                ),
+                dtype=torch.float32,
+            )
+        # A buffer, so that it moves with .to(device) and is saved with the head.
+        self.register_buffer("label_weights", weights, persistent=False)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build(cls, encoder_config: EncoderConfig, model_config: ModelConfig, vocab: LabelVocab) -> "KnowFreeModel":
+        encoder = UnitEncoder(encoder_config.name, **_encoder_options(encoder_config))
+        head = cls._build_head(encoder.hidden_size, len(vocab), model_config)
+        return cls(encoder, head, vocab, model_config, encoder_config)
+
+    @staticmethod
+    def _build_head(hidden_size: int, num_labels: int, config: ModelConfig) -> KnowFreeHead:
+        return KnowFreeHead(
+            hidden_size=hidden_size,
+            num_labels=num_labels,
+            ffn_size=config.ffn_size,
+            grid_size=config.grid_size,
+            biaffine_heads=config.biaffine_heads,
+            window=config.window,
+            attn_heads=config.attn_heads,
+            use_local_attention=config.use_local_attention,
+            dropout=config.dropout,
+            output_prior=config.output_prior,
+        )
+
+    # ------------------------------------------------------------------ forward / loss
+    @property
+    def device(self) -> torch.device:
+        return next(self.head.parameters()).device
+
+    def forward(self, units_batch: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = self.encoder.collate(units_batch)
+        inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        encoded = self.encoder(inputs)
+        return self.head(encoded.hidden, encoded.mask), encoded.mask
+
+    def loss(self, batch: Sequence[Sentence]) -> torch.Tensor:
+        logits, mask = self([s.units for s in batch])
+        targets = build_span_targets(
+            batch,
+            logits.shape[1],
+            self.vocab.id,
+            self.vocab.num_targets,
+            len(self.vocab),
+            include_extensions=self.vocab.num_extensions > 0,
+            max_span_length=self.config.max_span_length,
+            device=logits.device,
+        ).targets
+        sample_weights = torch.tensor(
+            [self.config.beta if s.synthetic else 1.0 for s in batch], device=logits.device
+        )
+        cell_mask = span_grid_mask(mask, self.config.max_span_length)
+        return span_bce_loss(logits, targets, cell_mask, self.label_weights, sample_weights)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def predict(
+        self, sentences: Sequence[Sentence] | Sequence[Sequence[str]], batch_size: int = 32, progress: bool = False
+    ) -> list[list[Span]]:
+        """Target spans for each sentence. Extension labels are masked: no external knowledge."""
+        was_training = self.training
+        self.eval()
+        units = [s.units if isinstance(s, Sentence) else list(s) for s in sentences]
+        # Sort by length so a batch pads little; results go back in input order.
+        order = sorted(range(len(units)), key=lambda i: len(units[i]))
+        decode = decode_nested if self.config.decode == "nested" else decode_flat
+        results: list[list[Span]] = [[] for _ in units]
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc="predict", disable=not progress, leave=False):
+            index = order[start : start + batch_size]
+            batch_units = [units[i] for i in index]
+            non_empty = [i for i, u in zip(index, batch_units) if u]
+            if not non_empty:
+                continue
+            logits, _ = self([units[i] for i in non_empty])
+            logits = logits[..., : self.vocab.num_targets].float().cpu()
+            for row, i in enumerate(non_empty):
+                n = len(units[i])
+                spans = decode(
+                    logits[row, :n, :n],
+                    self.vocab.targets,
+                    threshold=self.config.threshold,
+                    max_span_length=self.config.max_span_length,
+                )
+                results[i] = spans
+        self.train(was_training)
+        return results
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(directory / "encoder")
+        save_file({k: v.contiguous().cpu() for k, v in self.head.state_dict().items()}, directory / "head.safetensors")
+        self.vocab.save(directory / "labels.json")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "model": asdict(self.config),
+            "encoder": asdict(self.encoder_config),
+        }
+        (directory / "knowfree.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "KnowFreeModel":
+        directory = Path(directory)
+        manifest_path = directory / "knowfree.json"
+        if not manifest_path.is_file():
+            raise KnowFreeError(f"{directory} is not a KnowFREE model directory (no knowfree.json)")
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise KnowFreeError(
+                f"{manifest_path}: format_version {manifest.get('format_version')} is not supported "
+                f"(this version reads {FORMAT_VERSION})"
+            )
+        model_config = ModelConfig(**manifest["model"])
+        encoder_config = EncoderConfig(**manifest["encoder"])
+        # The saved encoder directory carries its own options (depth already truncated, layers,
+        # pooling, unit mode) and weights, including the learned layer mix.
+        encoder = UnitEncoder.from_pretrained(directory / "encoder")
+        vocab = LabelVocab.load(directory / "labels.json")
+        head = cls._build_head(encoder.hidden_size, len(vocab), model_config)
+        head.load_state_dict(load_file(directory / "head.safetensors"))
+        model = cls(encoder, head, vocab, model_config, encoder_config)
+        return model.to(device).eval()

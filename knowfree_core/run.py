@@ -1,0 +1,155 @@
+"""One training run from a config: data → (sample) → (offline extension labels) → fit → evaluate.
+
+This is what ``knowfree train`` executes, and what the Ray jobs call per trial/worker. A run
+folder holds everything a user needs to inspect or reuse the run:
+
+    run_dir/
+      config.yaml          the resolved configuration
+      train.log            human-readable log
+      history.jsonl        one EpochReport per line
+      train_data.jsonl     the training sentences actually used (subset + extension labels)
+      model/               the best-dev model (see KnowFreeModel.save_pretrained)
+      metrics.json         dev and test P/R/F1 of that model, with per-label rows
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .annotators import apply_annotations, get_annotator
+from .config import KnowFreeConfig, config_to_dict, save_config
+from .formats import read_dataset, write_dataset
+from .labels import LabelVocab
+from .model.knowfree import KnowFreeModel
+from .records import Sentence
+from .sampling import greedy_k_shot, many_shot_subsets
+from .training import EpochCallback, evaluate, fit, peak_rss_mib, seed_everything
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    metrics: dict
+
+
+def load_split(config: KnowFreeConfig, path: Optional[str]) -> list[Sentence]:
+    if not path:
+        return []
+    return read_dataset(path, format=config.data.format, **dict(config.data.read_options or {}))
+
+
+def select_training_sentences(config: KnowFreeConfig, pool: list[Sentence]) -> list[Sentence]:
+    data = config.data
+    if data.subset_size is not None:
+        return many_shot_subsets(pool, sizes=(data.subset_size,), seed=data.subset_seed)[data.subset_size]
+    if data.k_shot is not None:
+        return greedy_k_shot(pool, k=data.k_shot, seed=data.subset_seed)
+    return pool
+
+
+def add_extension_labels(config: KnowFreeConfig, sentences: list[Sentence]) -> list[Sentence]:
+    """Run the configured offline annotators and keep the configured extension sources."""
+    for name in config.data.annotators:
+        annotator = get_annotator(name)
+        results = annotator.annotate(sentences, steps=tuple(config.data.annotation_steps))
+        rejected = sum(len(r.rejections) for r in results)
+        if rejected:
+            logger.warning("annotator %s: %d words could not be aligned and were rejected", name, rejected)
+        sentences = apply_annotations(sentences, results)
+    keep = tuple(config.data.extension_sources)
+    if keep:
+        sentences = [
+            _with_extensions(s, [e for e in s.extension_spans if e.source.startswith(keep)]) for s in sentences
+        ]
+    return sentences
+
+
+def _with_extensions(sentence: Sentence, extension_spans) -> Sentence:
+    return Sentence(
+        id=sentence.id,
+        units=sentence.units,
+        spans=sentence.spans,
+        extension_spans=list(extension_spans),
+        synthetic=sentence.synthetic,
+        joiner=sentence.joiner,
+    )
+
+
+def _attach_file_log(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("knowfree_core").addHandler(handler)
+    return handler
+
+
+def run_training(
+    config: KnowFreeConfig, callback: EpochCallback | None = None, progress: bool = True
+) -> RunSummary:
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = _attach_file_log(run_dir)
+    try:
+        return _run(config, run_dir, callback, progress)
+    finally:
+        logging.getLogger("knowfree_core").removeHandler(handler)
+        handler.close()
+
+
+def _run(config: KnowFreeConfig, run_dir: Path, callback: EpochCallback | None, progress: bool) -> RunSummary:
+    started = time.perf_counter()
+    train = select_training_sentences(config, load_split(config, config.data.train))
+    dev = load_split(config, config.data.dev)
+    test = load_split(config, config.data.test)
+    if config.encoder.unit_mode == "auto":
+        config.encoder.unit_mode = "word" if train and train[0].joiner == " " else "char"
+    save_config(config, run_dir / "config.yaml")
+    if config.model.use_extension_labels:
+        train = add_extension_labels(config, train)
+    else:
+        train = [_with_extensions(s, []) for s in train]
+    write_dataset(train, run_dir / "train_data.jsonl")
+    logger.info("data: %d train, %d dev, %d test sentences", len(train), len(dev), len(test))
+
+    vocab = LabelVocab.from_sentences(
+        train,
+        include_extensions=config.model.use_extension_labels,
+        min_count=config.data.min_extension_count,
+    )
+    logger.info("labels: %d target, %d extension", vocab.num_targets, vocab.num_extensions)
+    seed_everything(config.train.seed)  # the head's initial weights come from this seed
+    model = KnowFreeModel.build(config.encoder, config.model, vocab)
+
+    history_path = run_dir / "history.jsonl"
+    history_path.write_text("", encoding="utf-8")
+
+    def record(report, current_model):
+        with history_path.open("a", encoding="utf-8") as out:
+            out.write(json.dumps(report.to_dict(), ensure_ascii=False) + "\n")
+        return callback(report, current_model) if callback else None
+
+    result = fit(model, train, dev or None, config.train, callback=record, progress=progress)
+    model.save_pretrained(run_dir / "model")
+
+    metrics: dict = {
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "train_sentences": len(train),
+        "seconds": round(time.perf_counter() - started, 1),
+        "seconds_per_epoch": round(
+            sum(r.seconds for r in result.history) / max(1, len(result.history)), 1
+        ),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+    }
+    for name, split in (("dev", dev), ("test", test)):
+        if split:
+            metrics[name] = evaluate(model, split, config.train.eval_batch_size, progress=progress).to_dict()
+    metrics["config"] = config_to_dict(config)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
+    return RunSummary(run_dir=run_dir, metrics=metrics)
