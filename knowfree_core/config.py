@@ -69,7 +69,8 @@ class ModelConfig:
     attn_heads: int = 10  # K
     use_local_attention: bool = True
     dropout: float = 0.1
-    output_prior: float = 0.01
+    output_prior: float = 0.01  # initial probability of every cell/label (output bias = logit)
+    input_norm: bool = False  # LayerNorm on the encoder states before the span head
     use_extension_labels: bool = True
     alpha_scale: float = 0.5  # alpha_i = alpha_scale * mean target count / C_i
     alpha_fixed: Optional[float] = None  # one alpha for every extension label instead
@@ -93,6 +94,8 @@ class TrainConfig:
     eval_batch_size: int = 32
     num_threads: Optional[int] = None  # torch intra-op threads; None leaves torch's default
     device: str = "auto"  # auto | cpu | cuda
+    # After training, pick model.threshold from these by dev F1 (empty: keep model.threshold).
+    threshold_candidates: List[float] = field(default_factory=lambda: [0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5])
 
 
 @dataclass

@@ -28,7 +28,7 @@ from .labels import LabelVocab
 from .model.knowfree import KnowFreeModel
 from .records import Sentence
 from .sampling import greedy_k_shot, many_shot_subsets
-from .training import EpochCallback, evaluate, fit, peak_rss_mib, seed_everything
+from .training import EpochCallback, evaluate, fit, peak_rss_mib, seed_everything, tune_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +135,13 @@ def _run(config: KnowFreeConfig, run_dir: Path, callback: EpochCallback | None, 
         return callback(report, current_model) if callback else None
 
     result = fit(model, train, dev or None, config.train, callback=record, progress=progress)
+    threshold_scores = None
+    if dev and config.train.threshold_candidates:
+        best, threshold_scores = tune_threshold(
+            model, dev, config.train.threshold_candidates, config.train.eval_batch_size
+        )
+        logger.info("decision threshold %.2f chosen on dev (dev F1 by threshold: %s)", best,
+                    ", ".join(f"{t:.2f}: {f:.4f}" for t, f in threshold_scores.items()))
     model.save_pretrained(run_dir / "model")
 
     metrics: dict = {
@@ -146,6 +153,8 @@ def _run(config: KnowFreeConfig, run_dir: Path, callback: EpochCallback | None, 
             sum(r.seconds for r in result.history) / max(1, len(result.history)), 1
         ),
         "peak_rss_mib": round(peak_rss_mib(), 1),
+        "threshold": model.config.threshold,
+        "dev_f1_by_threshold": threshold_scores,
     }
     for name, split in (("dev", dev), ("test", test)):
         if split:

@@ -11,7 +11,7 @@ from knowfree_core.config import EncoderConfig, ModelConfig, TrainConfig
 from knowfree_core.labels import LabelVocab
 from knowfree_core.model.knowfree import KnowFreeModel
 from knowfree_core.records import Sentence
-from knowfree_core.training import evaluate, fit, seed_everything
+from knowfree_core.training import evaluate, fit, seed_everything, tune_threshold
 
 from model_fixtures import make_random_encoder, tiny_corpus
 
@@ -50,11 +50,16 @@ class ModelRoundTripBase:
         # The model handed back is the best-dev epoch's, not the last one's.
         assert math.isclose(scores.f1, result.best_dev_f1, abs_tol=1e-9)
 
+        # A threshold chosen on dev is never worse on dev than the default 0.5, and sticks.
+        chosen, by_threshold = tune_threshold(model, dev, [0.3, 0.5, 0.7])
+        assert by_threshold[chosen] >= by_threshold[0.5] and model.config.threshold == chosen
+
         before = model.predict(dev)
         saved = model.save_pretrained(tmp_path / "model")
         loaded = KnowFreeModel.from_pretrained(saved)
         assert loaded.predict(dev) == before
         assert loaded.vocab.targets == model.vocab.targets
+        assert loaded.config.threshold == chosen
         # Extension columns are never predicted: no external knowledge at inference.
         predicted_labels = {span.label for spans in before for span in spans}
         assert predicted_labels <= set(model.vocab.targets)

@@ -107,12 +107,14 @@ def _load_transformer(path: str, with_weights: bool) -> nn.Module:
     # No pooler: it is unused here, and an unused parameter breaks DDP.
     try:
         if with_weights:
-            model = AutoModel.from_pretrained(path, add_pooling_layer=False)
+            # float32 whatever the checkpoint holds: a pruned fp16 copy must still train in fp32
+            # (mixed precision is the training loop's job, not the checkpoint's).
+            model = AutoModel.from_pretrained(path, add_pooling_layer=False, dtype=torch.float32)
         else:
             model = AutoModel.from_config(AutoConfig.from_pretrained(path), add_pooling_layer=False)
     except TypeError:  # architectures without that switch
         if with_weights:
-            model = AutoModel.from_pretrained(path)
+            model = AutoModel.from_pretrained(path, dtype=torch.float32)
         else:
             model = AutoModel.from_config(AutoConfig.from_pretrained(path))
         if hasattr(model, "pooler"):

@@ -61,6 +61,10 @@ class KnowFreeHead(nn.Module):
             logit(π) because almost all of the L² cells are negatives, and starting at 0.5
             wastes the first epochs on learning "everything is 0".
         chunk_elements: forwarded to :class:`LocalGridAttention`.
+        input_norm: LayerNorm the encoder states before the boundary projections. Encoders
+            whose last layer is nearly collinear (the offline e5: mean cosine 0.85 between the
+            vectors of one sentence) hand the head a large shared component; normalising
+            per vector lets the projections see the differences from the start.
     """
 
     def __init__(
@@ -76,12 +80,14 @@ class KnowFreeHead(nn.Module):
         dropout: float = 0.1,
         output_prior: float = 0.01,
         chunk_elements: int | None = None,
+        input_norm: bool = False,
     ) -> None:
         super().__init__()
         if num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {num_labels}")
         self.num_labels = num_labels
         self.use_local_attention = use_local_attention
+        self.input_norm = nn.LayerNorm(hidden_size) if input_norm else None
         self.biaffine = BiaffineSpanEncoder(
             hidden_size, ffn_size, grid_size, biaffine_heads, dropout=dropout
         )
@@ -99,6 +105,8 @@ class KnowFreeHead(nn.Module):
 
     def grid(self, hidden: Tensor, mask: Tensor) -> Tensor:
         """The classifier input: ``H_B + H_G`` (or ``H_B`` without local attention)."""
+        if self.input_norm is not None:
+            hidden = self.input_norm(hidden)
         grid = self.biaffine(hidden)
         if self.local_attention is None or self.norm is None:
             return grid

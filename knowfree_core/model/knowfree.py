@@ -91,6 +91,7 @@ class KnowFreeModel(nn.Module):
             use_local_attention=config.use_local_attention,
             dropout=config.dropout,
             output_prior=config.output_prior,
+            input_norm=config.input_norm,
         )
 
     # ------------------------------------------------------------------ forward / loss
@@ -124,37 +125,44 @@ class KnowFreeModel(nn.Module):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def predict(
+    def target_logits(
         self, sentences: Sequence[Sentence] | Sequence[Sequence[str]], batch_size: int = 32, progress: bool = False
-    ) -> list[list[Span]]:
-        """Target spans for each sentence. Extension labels are masked: no external knowledge."""
+    ) -> list[torch.Tensor]:
+        """Per sentence, the ``(n, n, N_tgt)`` logits of its target labels (on the CPU).
+
+        Extension columns are cut off here: no external knowledge reaches inference.
+        """
         was_training = self.training
         self.eval()
         units = [s.units if isinstance(s, Sentence) else list(s) for s in sentences]
         # Sort by length so a batch pads little; results go back in input order.
-        order = sorted(range(len(units)), key=lambda i: len(units[i]))
-        decode = decode_nested if self.config.decode == "nested" else decode_flat
-        results: list[list[Span]] = [[] for _ in units]
+        order = [i for i in sorted(range(len(units)), key=lambda i: len(units[i])) if units[i]]
+        results: list[torch.Tensor] = [torch.zeros(0, 0, self.vocab.num_targets) for _ in units]
         starts = range(0, len(order), batch_size)
         for start in tqdm(starts, desc="predict", disable=not progress, leave=False):
             index = order[start : start + batch_size]
-            batch_units = [units[i] for i in index]
-            non_empty = [i for i, u in zip(index, batch_units) if u]
-            if not non_empty:
-                continue
-            logits, _ = self([units[i] for i in non_empty])
+            logits, _ = self([units[i] for i in index])
             logits = logits[..., : self.vocab.num_targets].float().cpu()
-            for row, i in enumerate(non_empty):
+            for row, i in enumerate(index):
                 n = len(units[i])
-                spans = decode(
-                    logits[row, :n, :n],
-                    self.vocab.targets,
-                    threshold=self.config.threshold,
-                    max_span_length=self.config.max_span_length,
-                )
-                results[i] = spans
+                results[i] = logits[row, :n, :n]
         self.train(was_training)
         return results
+
+    def decode(self, logits: Sequence[torch.Tensor], threshold: float | None = None) -> list[list[Span]]:
+        decode = decode_nested if self.config.decode == "nested" else decode_flat
+        threshold = self.config.threshold if threshold is None else threshold
+        return [
+            decode(sentence_logits, self.vocab.targets, threshold=threshold,
+                   max_span_length=self.config.max_span_length) if sentence_logits.numel() else []
+            for sentence_logits in logits
+        ]
+
+    def predict(
+        self, sentences: Sequence[Sentence] | Sequence[Sequence[str]], batch_size: int = 32, progress: bool = False
+    ) -> list[list[Span]]:
+        """Target spans for each sentence."""
+        return self.decode(self.target_logits(sentences, batch_size, progress))
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> Path:

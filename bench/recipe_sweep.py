@@ -1,0 +1,145 @@
+"""Run several ``knowfree train`` configurations side by side and tabulate how each learns.
+
+Made for the encoder-recipe search on a GPU machine with no network (inputs from
+``bench/gpu_bundle.py``), but it runs anywhere ``knowfree_core`` imports. Each run is a
+subprocess of the real CLI, so what is measured is what users run. A global deadline stops
+unfinished runs and still tabulates what they reached (their per-epoch history).
+
+    python bench/recipe_sweep.py --bundle .gpu_bundle --sweep bench/sweeps/e5_recipe.yaml \
+        --parallel 6 --deadline 480 --out results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def base_overrides(bundle: Path, size: int) -> list[str]:
+    data = bundle / "data"
+    return [
+        f"data.train={data / f'weibo-train-{size}.jsonl'}",
+        f"data.dev={data / 'weibo-dev.jsonl'}",
+        f"data.test={data / 'weibo-test.jsonl'}",
+        f"encoder.name={bundle / 'e5'}",
+        "encoder.unit_mode=char",
+    ]
+
+
+def summarise(name: str, overrides: list[str], run_dir: Path, status: str) -> dict:
+    history = []
+    history_path = run_dir / "history.jsonl"
+    if history_path.is_file():
+        history = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
+    metrics = {}
+    if (run_dir / "metrics.json").is_file():
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    dev_curve = [round(h["dev_f1"] or 0.0, 4) for h in history]
+    best = max(range(len(dev_curve)), key=dev_curve.__getitem__) if dev_curve else None
+    first_03 = next((i + 1 for i, f in enumerate(dev_curve) if f >= 0.3), None)
+    return {
+        "name": name,
+        "overrides": overrides,
+        "status": status,
+        "epochs": len(history),
+        "best_epoch": None if best is None else best + 1,
+        "best_dev_f1": None if best is None else dev_curve[best],
+        "test_f1": metrics.get("test", {}).get("f1"),
+        "test_p": metrics.get("test", {}).get("precision"),
+        "test_r": metrics.get("test", {}).get("recall"),
+        "first_epoch_dev_ge_0.3": first_03,
+        "s_per_epoch": round(sum(h["seconds"] for h in history) / max(1, len(history)), 1),
+        "dev_curve": dev_curve,
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        "| run | overrides | epochs | best dev F1 (epoch) | test F1 at best dev | P / R | first epoch dev ≥ 0.3 | s/epoch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        test = "—" if r["test_f1"] is None else f"{r['test_f1']:.4f}"
+        pr = "—" if r["test_p"] is None else f"{r['test_p']:.3f} / {r['test_r']:.3f}"
+        best = "—" if r["best_dev_f1"] is None else f"{r['best_dev_f1']:.4f} ({r['best_epoch']})"
+        lines.append(
+            f"| {r['name']} | `{' '.join(r['overrides'])}` | {r['epochs']} | {best} | {test} | {pr} | "
+            f"{r['first_epoch_dev_ge_0.3'] or '—'} | {r['s_per_epoch']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, default=ROOT / ".gpu_bundle")
+    parser.add_argument("--sweep", type=Path, required=True, help="YAML: {size, common: [...], runs: [{name, set: [...]}]}")
+    parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--deadline", type=float, default=480.0, help="seconds before unfinished runs are stopped")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/knowfree-sweep"))
+    parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--only", nargs="*", help="run only these names")
+    args = parser.parse_args()
+
+    spec = yaml.safe_load(args.sweep.read_text())
+    size = int(spec.get("size", 250))
+    common = list(spec.get("common", []))
+    runs = [r for r in spec["runs"] if not args.only or r["name"] in args.only]
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    started = time.monotonic()
+    pending = list(runs)
+    active: dict[str, tuple[subprocess.Popen, list[str], Path]] = {}
+    finished: dict[str, str] = {}
+    while pending or active:
+        while pending and len(active) < args.parallel:
+            run = pending.pop(0)
+            run_dir = args.work / run["name"]
+            overrides = common + list(run.get("set", []))
+            command = [sys.executable, "-m", "knowfree_core.cli", "train", "--quiet"]
+            for item in base_overrides(args.bundle, size) + overrides + [f"output_dir={run_dir}"]:
+                command += ["--set", item]
+            log = open(args.work / f"{run['name']}.log", "w")
+            active[run["name"]] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env),
+                                   overrides, run_dir)
+        time.sleep(2)
+        for name, (process, _, _) in list(active.items()):
+            if process.poll() is not None:
+                finished[name] = "ok" if process.returncode == 0 else f"exit {process.returncode}"
+                del active[name]
+        if time.monotonic() - started > args.deadline:
+            for name, (process, _, _) in active.items():
+                process.kill()
+                finished[name] = "stopped at deadline"
+            for run in pending:
+                finished[run["name"]] = "not started"
+            break
+
+    rows = []
+    for run in runs:
+        overrides = common + list(run.get("set", []))
+        rows.append(summarise(run["name"], list(run.get("set", [])), args.work / run["name"], finished.get(run["name"], "?")))
+    table = format_table(rows)
+    print(table)
+    (args.out / "sweep.md").write_text(table + "\n")
+    (args.out / "sweep.json").write_text(json.dumps({"size": size, "common": common, "rows": rows}, indent=2))
+    for run in runs:  # the tail of each log explains failures
+        log = args.work / f"{run['name']}.log"
+        if finished.get(run["name"]) not in ("ok",) and log.is_file():
+            print(f"--- {run['name']} ({finished.get(run['name'])}) ---")
+            print("\n".join(log.read_text(errors="replace").splitlines()[-8:]))
+
+
+if __name__ == "__main__":
+    main()
