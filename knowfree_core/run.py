@@ -22,13 +22,22 @@ from pathlib import Path
 from typing import Optional
 
 from .annotators import apply_annotations, get_annotator
-from .config import KnowFreeConfig, config_to_dict, save_config
+from .config import KnowFreeConfig, config_to_dict, load_config, save_config
+from .errors import ConfigError
 from .formats import read_dataset, write_dataset
 from .labels import LabelVocab
 from .model.knowfree import KnowFreeModel
 from .records import Sentence
 from .sampling import greedy_k_shot, many_shot_subsets
-from .training import EpochCallback, evaluate, fit, peak_rss_mib, seed_everything, tune_threshold
+from .training import (
+    EpochCallback,
+    evaluate,
+    fit,
+    load_training_state,
+    peak_rss_mib,
+    seed_everything,
+    tune_threshold,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +91,36 @@ def _with_extensions(sentence: Sentence, extension_spans) -> Sentence:
     )
 
 
+def _refuse_resume_with_another_config(config: KnowFreeConfig, run_dir: Path) -> None:
+    """A checkpoint resumes only the run that wrote it: a changed config must not inherit it."""
+    if not (run_dir / "checkpoint" / "last.pt").is_file() or not (run_dir / "config.yaml").is_file():
+        return
+    previous = config_to_dict(load_config(run_dir / "config.yaml"))
+    current = config_to_dict(config)
+    changed = sorted(
+        f"{section}.{key}"
+        for section, values in current.items() if isinstance(values, dict)
+        for key, value in values.items() if previous.get(section, {}).get(key) != value
+    )
+    if changed:
+        raise ConfigError(
+            f"{run_dir} holds a checkpoint of a run with another configuration (changed: "
+            f"{', '.join(changed)}); choose a new output_dir or delete {run_dir / 'checkpoint'}"
+        )
+
+
+def _keep_history_of_checkpoint(history_path: Path, checkpoint_path: Path) -> None:
+    """On resume keep the epochs the checkpoint holds; on a fresh start begin an empty history."""
+    kept: list[str] = []
+    if checkpoint_path.is_file() and history_path.is_file():
+        last = load_training_state(checkpoint_path)["epoch"]
+        kept = [
+            line for line in history_path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["epoch"] <= last
+        ]
+    history_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
 def _attach_file_log(run_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -109,6 +148,7 @@ def _run(config: KnowFreeConfig, run_dir: Path, callback: EpochCallback | None, 
     test = load_split(config, config.data.test)
     if config.encoder.unit_mode == "auto":
         config.encoder.unit_mode = "word" if train and train[0].joiner == " " else "char"
+    _refuse_resume_with_another_config(config, run_dir)
     save_config(config, run_dir / "config.yaml")
     if config.model.use_extension_labels:
         train = add_extension_labels(config, train)
@@ -127,14 +167,16 @@ def _run(config: KnowFreeConfig, run_dir: Path, callback: EpochCallback | None, 
     model = KnowFreeModel.build(config.encoder, config.model, vocab)
 
     history_path = run_dir / "history.jsonl"
-    history_path.write_text("", encoding="utf-8")
+    checkpoint_path = run_dir / "checkpoint" / "last.pt"
+    _keep_history_of_checkpoint(history_path, checkpoint_path)
 
     def record(report, current_model):
         with history_path.open("a", encoding="utf-8") as out:
             out.write(json.dumps(report.to_dict(), ensure_ascii=False) + "\n")
         return callback(report, current_model) if callback else None
 
-    result = fit(model, train, dev or None, config.train, callback=record, progress=progress)
+    result = fit(model, train, dev or None, config.train, callback=record, progress=progress,
+                 checkpoint_path=checkpoint_path)
     threshold_scores = None
     if dev and config.train.threshold_candidates:
         best, threshold_scores = tune_threshold(

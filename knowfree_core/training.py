@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import resource
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -153,6 +155,26 @@ def tune_threshold(
     return best, scores
 
 
+def save_training_state(path: str | Path, state: dict) -> None:
+    """Write the loop state atomically: a crash mid-write leaves the previous checkpoint intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def load_training_state(path: str | Path) -> dict:
+    # weights_only: tensors, numbers, strings and containers only; a checkpoint file cannot run code.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _as_random_state(state) -> tuple:
+    # random.Random.setstate wants tuples; a round trip through the checkpoint may give lists.
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     # Frozen parameters (the e5 word-embedding table is 96M of its 118M) never change, so the
     # best-epoch snapshot only needs what training touches.
@@ -172,10 +194,15 @@ def fit(
     config: TrainConfig,
     callback: EpochCallback | None = None,
     progress: bool = True,
+    checkpoint_path: str | Path | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; on return it holds the weights of the best dev epoch.
 
-    Without a dev set the last epoch is kept (and the report says so).
+    Without a dev set the last epoch is kept (and the report says so). With
+    ``checkpoint_path`` the loop's whole state is saved after every epoch and, when the file
+    already exists, training resumes after its last finished epoch: an interrupted run started
+    again with the same command continues instead of starting over, and ends with the same
+    weights as an uninterrupted one.
     """
     if not train:
         raise ValueError("the training set is empty")
@@ -196,8 +223,21 @@ def fit(
     best_epoch = 0
     best_state: dict[str, torch.Tensor] | None = None
     epochs_without_gain = 0
+    first_epoch = 1
+    if checkpoint_path is not None and Path(checkpoint_path).is_file():
+        state = load_training_state(checkpoint_path)
+        model.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        rng.setstate(_as_random_state(state["batch_rng"]))
+        torch.set_rng_state(state["torch_rng"])
+        history = [EpochReport(**report) for report in state["history"]]
+        best_f1, best_epoch, best_state = state["best_f1"], state["best_epoch"], state["best_state"]
+        epochs_without_gain = state["epochs_without_gain"]
+        first_epoch = state["epoch"] + 1
+        logger.info("resuming from %s after epoch %d", checkpoint_path, state["epoch"])
 
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(first_epoch, config.epochs + 1):
         model.train()
         started = time.perf_counter()
         total_loss, batches = 0.0, 0
@@ -252,6 +292,23 @@ def fit(
             best_epoch,
             report.seconds,
         )
+        if checkpoint_path is not None:
+            save_training_state(
+                checkpoint_path,
+                {
+                    "epoch": epoch,
+                    "model": _trainable_state(model),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "batch_rng": rng.getstate(),
+                    "torch_rng": torch.get_rng_state(),
+                    "history": [r.to_dict() for r in history],
+                    "best_f1": best_f1,
+                    "best_epoch": best_epoch,
+                    "best_state": best_state,
+                    "epochs_without_gain": epochs_without_gain,
+                },
+            )
         stop = callback(report, model) if callback else None
         if stop:
             break

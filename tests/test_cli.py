@@ -36,11 +36,11 @@ def trained_run(tmp_path_factory):
     code = main(["train", "--config", str(config), "--quiet", "--set", "train.epochs=20",
                  "--set", f"output_dir={run_dir}"])
     assert code == 0
-    return root, run_dir
+    return root, run_dir, config
 
 
 def test_train_writes_a_complete_run_folder(trained_run):
-    _, run_dir = trained_run
+    _, run_dir, _ = trained_run
     for name in ("config.yaml", "train.log", "history.jsonl", "train_data.jsonl", "metrics.json"):
         assert (run_dir / name).is_file(), name
     for name in ("knowfree.json", "labels.json", "head.safetensors", "encoder/config.json"):
@@ -56,7 +56,7 @@ def test_train_writes_a_complete_run_folder(trained_run):
 
 
 def test_evaluate_reproduces_the_run_metrics(trained_run, capsys):
-    root, run_dir = trained_run
+    root, run_dir, _ = trained_run
     assert main(["evaluate", "--model", str(run_dir / "model"), "--data", str(root / "test.jsonl"),
                  "--json", "--quiet"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -69,7 +69,7 @@ def test_evaluate_reproduces_the_run_metrics(trained_run, capsys):
 
 
 def test_predict_writes_jsonl_spans(trained_run, tmp_path, capsys):
-    _, run_dir = trained_run
+    _, run_dir, _ = trained_run
     source = tmp_path / "input.txt"
     source.write_text("张三在北京工作。\n\n李四去了上海。\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
@@ -97,3 +97,17 @@ def test_unknown_config_key_is_rejected_with_its_name():
         load_config(None, [])
     with pytest.raises(ConfigError, match="divisible"):
         load_config(None, ["data.train=x", "model.attn_heads=7"])
+
+
+def test_rerunning_a_finished_run_resumes_and_a_changed_config_is_refused(trained_run, capsys):
+    _, run_dir, config = trained_run
+    before = json.loads((run_dir / "metrics.json").read_text())
+    history = (run_dir / "history.jsonl").read_text()
+    args = ["train", "--config", str(config), "--quiet", "--set", "train.epochs=20", "--set", f"output_dir={run_dir}"]
+    assert main(args) == 0  # every epoch is in the checkpoint: nothing is trained again
+    assert (run_dir / "history.jsonl").read_text() == history
+    after = json.loads((run_dir / "metrics.json").read_text())
+    assert after["test"]["f1"] == before["test"]["f1"] and after["best_epoch"] == before["best_epoch"]
+
+    assert main(args + ["--set", "train.head_lr=0.01"]) == 2
+    assert "train.head_lr" in capsys.readouterr().err

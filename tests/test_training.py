@@ -1,0 +1,70 @@
+"""The training loop: dev-based selection, resume after a crash, batching."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from knowfree_core.config import EncoderConfig, ModelConfig, TrainConfig
+from knowfree_core.labels import LabelVocab
+from knowfree_core.model.knowfree import KnowFreeModel
+from knowfree_core.training import fit, length_bucketed_batches, seed_everything
+
+from model_fixtures import make_random_encoder, tiny_corpus
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    return make_random_encoder(tmp_path_factory.mktemp("encoder"))
+
+
+def _model(encoder_dir, train):
+    seed_everything(5)
+    return KnowFreeModel.build(
+        EncoderConfig(name=str(encoder_dir), unit_mode="char"),
+        ModelConfig(ffn_size=40, grid_size=40, biaffine_heads=2, attn_heads=4, dropout=0.1),
+        LabelVocab.from_sentences(train),
+    )
+
+
+def test_a_run_interrupted_mid_training_resumes_to_the_same_result(encoder_dir, tmp_path):
+    train = tiny_corpus(24, seed=1)
+    dev = tiny_corpus(8, seed=2, prefix="d", with_extensions=False)
+    config = TrainConfig(epochs=4, batch_size=8, encoder_lr=1e-3, head_lr=3e-3, seed=3)
+
+    straight = _model(encoder_dir, train)
+    expected = fit(straight, train, dev, config, progress=False, checkpoint_path=tmp_path / "a" / "last.pt")
+
+    def crash_after_two(report, _model):
+        if report.epoch == 2:
+            raise Crash()
+
+    interrupted = _model(encoder_dir, train)
+    with pytest.raises(Crash):
+        fit(interrupted, train, dev, config, callback=crash_after_two, progress=False,
+            checkpoint_path=tmp_path / "b" / "last.pt")
+    seen = []
+    resumed = _model(encoder_dir, train)  # a fresh process would start from fresh weights too
+    result = fit(resumed, train, dev, config, callback=lambda r, m: seen.append(r.epoch), progress=False,
+                 checkpoint_path=tmp_path / "b" / "last.pt")
+
+    assert seen == [3, 4]  # only the missing epochs ran
+    assert [r.epoch for r in result.history] == [1, 2, 3, 4]
+    assert [r.train_loss for r in result.history] == pytest.approx([r.train_loss for r in expected.history])
+    assert result.best_epoch == expected.best_epoch
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_batches_cover_every_sentence_once_and_group_similar_lengths():
+    sentences = tiny_corpus(100, seed=4)
+    batches = list(length_bucketed_batches(sentences, 8, random.Random(0)))
+    ids = [s.id for batch in batches for s in batch]
+    assert sorted(ids) == sorted(s.id for s in sentences)
+    assert all(len(batch) <= 8 for batch in batches)
