@@ -11,6 +11,7 @@ from knowfree_core.model.local_attention import (
     banded_local_attention,
     dense_local_attention_reference,
     lengths_to_mask,
+    nn_multihead_attention_reference,
 )
 
 # (batch, L, D, heads, window, lengths or None). Covers padding, an all-padding sample,
@@ -25,11 +26,29 @@ CASES = [
 ]
 
 
-def _make(case, dtype: torch.dtype, seed: int = 0, chunk_elements: int | None = 50):
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Every tensor here is tiny; on a shared 2-core machine each multi-threaded op can wait
+    # milliseconds for the second thread (0.8 s vs 0.05 s per case), so run single-threaded.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _make(
+    case,
+    dtype: torch.dtype,
+    seed: int = 0,
+    chunk_elements: int | None = 50,
+    save_projections: bool = True,
+):
     batch, length, dim, heads, window, lengths = case
     torch.manual_seed(seed)
     # A tiny chunk budget forces several chunks, so chunk boundaries are tested too.
-    module = LocalGridAttention(dim, heads, window, chunk_elements=chunk_elements).to(dtype)
+    module = LocalGridAttention(
+        dim, heads, window, chunk_elements=chunk_elements, save_projections=save_projections
+    ).to(dtype)
     # Non-zero biases so that their gradients and the padding zeroing are actually tested.
     with torch.no_grad():
         module.in_proj_bias.normal_()
@@ -50,10 +69,14 @@ def test_banded_output_matches_dense_reference(case, dtype):
     assert torch.allclose(banded, dense, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_banded_gradients_match_dense_reference(case):
+# save_projections=True is the default (all cases); the recomputing backward gets the padded ones.
+@pytest.mark.parametrize(
+    "case,save_projections",
+    [(case, True) for case in CASES] + [(CASES[1], False), (CASES[3], False)],
+)
+def test_banded_gradients_match_dense_reference(case, save_projections):
     # float64: weight gradients sum over B·L² cells, so float32 rounding alone can exceed 1e-5.
-    module, grid, lens = _make(case, torch.float64)
+    module, grid, lens = _make(case, torch.float64, save_projections=save_projections)
     projection = torch.randn(grid.shape, dtype=torch.float64)  # a generic upstream gradient
 
     def grads(fn):
@@ -67,6 +90,77 @@ def test_banded_gradients_match_dense_reference(case):
     for got, want in zip(banded, dense):
         assert got is not None and want is not None
         assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_banded_matches_nn_multihead_attention_called_with_default_need_weights(dtype):
+    # The published reference form: nn.MultiheadAttention(D, K, batch_first=True) called as
+    # attn(x, x, x, attn_mask=band, key_padding_mask=pad), need_weights left at True.
+    case = (3, 9, 20, 10, 3, [9, 6, 0])  # paper's K and ω, a padded and an empty sample
+    module, grid, lens = _make(case, dtype)
+    projection = torch.randn(grid.shape, dtype=dtype)
+    results = []
+    for form in (
+        lambda x: module(x, lens),
+        lambda x: nn_multihead_attention_reference(module, x, lens),
+    ):
+        x = grid.clone().requires_grad_(True)
+        module.zero_grad(set_to_none=True)
+        out = form(x)
+        (out * projection).sum().backward()
+        results.append([out.detach(), x.grad] + [p.grad for p in module.parameters()])
+    (banded_out, *banded_grads), (mha_out, *mha_grads) = results
+    assert torch.isfinite(mha_out).all()
+    assert torch.allclose(banded_out, mha_out, atol=1e-5, rtol=0)
+    if dtype == torch.float64:  # weight gradients sum over B·L² cells: compare in float64
+        for got, want in zip(banded_grads, mha_grads):
+            assert got is not None and want is not None
+            assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_nn_multihead_attention_reference_is_the_stock_module_call(monkeypatch):
+    # The helper must go through nn.MultiheadAttention.forward with need_weights at its default.
+    calls = []
+    original = nn.MultiheadAttention.forward
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.MultiheadAttention, "forward", spy)
+    module, grid, lens = _make(CASES[1], torch.float32)
+    with torch.no_grad():
+        out = nn_multihead_attention_reference(module, grid, lens)
+    assert len(calls) == 1 and "need_weights" not in calls[0]
+    assert {"attn_mask", "key_padding_mask"} <= set(calls[0])
+    assert out.shape == grid.shape
+
+
+def test_mask_with_holes_matches_dense_reference():
+    # A bool key mask with padding *inside* the sentence (not just a length prefix).
+    module, grid, _ = _make((3, 8, 12, 3, 2, None), torch.float64)
+    mask = torch.tensor(
+        [
+            [True, False, True, True, False, True, False, False],
+            [True] * 8,
+            [False, False, True, False, False, False, False, False],
+        ]
+    )
+    projection = torch.randn(grid.shape, dtype=torch.float64)
+    results = []
+    for form in (
+        lambda x: module(x, mask),
+        lambda x: dense_local_attention_reference(module, x, mask),
+    ):
+        x = grid.clone().requires_grad_(True)
+        module.zero_grad(set_to_none=True)
+        out = form(x)
+        (out * projection).sum().backward()
+        results.append([out.detach(), x.grad] + [p.grad for p in module.parameters()])
+    for got, want in zip(*results):
+        assert torch.isfinite(got).all()
+        assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    assert (results[0][0][~mask[:, None, :].expand(3, 8, 8)] == 0).all()
 
 
 def test_float32_input_gradient_matches_dense_reference():
@@ -94,8 +188,10 @@ def test_gradcheck_tiny():
     assert torch.autograd.gradcheck(fn, tuple(inputs), fast_mode=True)
 
 
-def test_padding_gives_zeros_not_nan():
-    module, grid, lens = _make((3, 6, 8, 2, 2, [6, 2, 0]), torch.float32)
+@pytest.mark.parametrize("save_projections", [True, False])
+def test_padding_gives_zeros_not_nan(save_projections):
+    case = (3, 6, 8, 2, 2, [6, 2, 0])
+    module, grid, lens = _make(case, torch.float32, save_projections=save_projections)
     x = grid.requires_grad_(True)
     out = module(x, lens)
     assert torch.isfinite(out).all()
@@ -141,6 +237,36 @@ def test_saved_projections_give_the_same_gradients():
         assert torch.allclose(recomputed, saved, atol=1e-12, rtol=0)
 
 
+def test_default_keeps_projections_for_backward():
+    assert LocalGridAttention(12, 3, 2).save_projections is True
+
+
+@pytest.mark.parametrize("save_projections", [True, False])
+def test_partial_gradients_match_dense_reference(save_projections):
+    # Only the grid, or only the parameters, require gradients: each path of backward alone.
+    module, grid, lens = _make(CASES[3], torch.float64, save_projections=save_projections)
+    for frozen in (True, False):
+        module.requires_grad_(not frozen)
+        grads = []
+        for form in (module, lambda x, n: dense_local_attention_reference(module, x, n)):
+            module.zero_grad(set_to_none=True)
+            x = grid.clone().requires_grad_(frozen)
+            form(x, lens).pow(2).sum().backward()
+            grads.append([x.grad] if frozen else [p.grad for p in module.parameters()])
+        for got, want in zip(*grads):
+            assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    module.requires_grad_(True)
+
+
+def test_bfloat16_grid_runs_in_float32_arithmetic():
+    module, grid, lens = _make(CASES[5], torch.float32)
+    with torch.no_grad():
+        want = module(grid, lens)
+        got = module.to(torch.bfloat16)(grid.to(torch.bfloat16), lens)
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), want, atol=0.1, rtol=0.05)
+
+
 def test_outside_window_has_no_influence():
     # Perturbing a cell farther than ω away in the same row must not change a cell's output.
     module, grid, _ = _make((1, 10, 8, 2, 2, None), torch.float64)
@@ -161,10 +287,15 @@ def test_parameters_load_into_nn_multihead_attention():
     reference.load_state_dict(module.state_dict())  # strict: same names and shapes
 
 
-def test_autograd_keeps_no_per_offset_copies():
+@pytest.mark.parametrize("save_projections", [True, False])
+def test_autograd_keeps_no_per_offset_copies(save_projections):
     # Sum the sizes of every tensor autograd saves during the forward: the banded form may keep
-    # the input grid (already alive) and small things, never (2ω+1) copies of k/v.
-    module, grid, lens = _make((2, 16, 20, 4, 3, [16, 12]), torch.float32, chunk_elements=None)
+    # the input grid (already alive), small things and - with save_projections - q/k/v plus
+    # the (2ω+1)·K weights per cell; never (2ω+1) copies of k/v.
+    case = (2, 16, 20, 4, 3, [16, 12])
+    module, grid, lens = _make(
+        case, torch.float32, chunk_elements=None, save_projections=save_projections
+    )
     saved: list[int] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -175,7 +306,9 @@ def test_autograd_keeps_no_per_offset_copies():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         module(x, lens)
     params = sum(p.numel() for p in module.parameters())
-    assert sum(saved) <= grid.numel() + params + 2 * 16 * 16
+    cells = grid.numel() // 20
+    projections = cells * (3 * 20 + (2 * 3 + 1) * 4) if save_projections else 0
+    assert sum(saved) <= grid.numel() + params + 2 * 16 + projections
 
 
 @pytest.mark.parametrize("dim,heads", [(10, 3), (7, 2)])

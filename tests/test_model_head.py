@@ -233,3 +233,30 @@ def test_head_overfits_tiny_batch(use_local_attention):
         optimiser.step()
         losses.append(loss.item())
     assert losses[-1] < 0.01 * losses[0]
+
+
+@pytest.mark.parametrize("use_attention", [True, False])
+def test_band_form_equals_the_full_grid_on_spans_up_to_the_limit(use_attention):
+    # max_span_length computes only the cells short spans need; on those spans the logits must
+    # be the full grid's, for padded samples and rows near both ends of the sentence.
+    from knowfree_core.model.head import KnowFreeHead, span_grid_mask
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=12, num_labels=5, ffn_size=8, grid_size=8, biaffine_heads=2, window=2,
+                  attn_heads=2, use_local_attention=use_attention, dropout=0.0)
+    full = KnowFreeHead(**common)
+    band = KnowFreeHead(**common, max_span_length=3)
+    band.load_state_dict(full.state_dict())
+    hidden = torch.randn(2, 11, 12, requires_grad=True)
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[1, 7:] = False
+    cells = span_grid_mask(mask, 3)
+    expected = full(hidden, mask)[cells]
+    got_all = band(hidden, mask)
+    assert torch.allclose(got_all[cells], expected, atol=1e-5)
+    outside = span_grid_mask(torch.ones_like(mask)) & ~span_grid_mask(torch.ones_like(mask), 3)
+    assert torch.all(got_all[outside] < -1e3)
+    # Gradients flow to the same parameters with the same values.
+    full_grad = torch.autograd.grad(expected.sum(), hidden)[0]
+    band_grad = torch.autograd.grad(got_all[cells].sum(), hidden)[0]
+    assert torch.allclose(full_grad, band_grad, atol=1e-4)

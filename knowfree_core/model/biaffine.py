@@ -64,6 +64,27 @@ class MultiHeadBiaffine(nn.Module):
         grid = torch.einsum("bihyo,bjhy->bijho", left, e)
         return grid.reshape(batch, length, length, self.out_dim)
 
+    def forward_band(self, start: Tensor, end: Tensor, first_offset: int, width: int) -> Tensor:
+        """``(B, L, width, D̃)``: cell ``(i, c)`` scores start i, end ``j = i + first_offset + c``.
+
+        The same values as :meth:`forward` at those cells, computed for ``width`` ends per start
+        instead of L: what makes long sentences affordable when spans are short. Ends outside
+        ``0..L-1`` get the score of an all-zero end vector; callers mask them.
+        """
+        batch, length, _ = start.shape
+        h, d = self.num_heads, self.head_in
+        s = F.pad(start.reshape(batch, length, h, d), (0, 1), value=1.0)
+        e = F.pad(end.reshape(batch, length, h, d), (0, 1), value=1.0)
+        before = max(0, -first_offset)
+        after = max(0, first_offset + width - 1)
+        # Zero rows outside the sentence, then a sliding view: no copy of the (B, L, width) ends.
+        e = F.pad(e, (0, 0, 0, 0, before, after))
+        skip = first_offset + before
+        windows = e[:, skip : skip + length + width - 1].unfold(1, width, 1)  # (B, L, h, d+1, W)
+        left = torch.einsum("bihx,hxyo->bihyo", s, self.weight)
+        grid = torch.einsum("bihyo,bihyw->biwho", left, windows)
+        return grid.reshape(batch, length, width, self.out_dim)
+
     def extra_repr(self) -> str:
         return f"in_dim={self.in_dim}, out_dim={self.out_dim}, num_heads={self.num_heads}"
 
@@ -100,8 +121,12 @@ class BiaffineSpanEncoder(nn.Module):
     def grid_size(self) -> int:
         return self.biaffine.out_dim
 
-    def forward(self, hidden: Tensor) -> Tensor:
+    def boundaries(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """``H_s``, ``H_e`` (eq. 7)."""
         start = self.dropout(self.activation(self.start_proj(hidden)))
         end = self.dropout(self.activation(self.end_proj(hidden)))
-        return self.biaffine(start, end)
+        return start, end
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.biaffine(*self.boundaries(hidden))
 

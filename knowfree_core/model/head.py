@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from knowfree_core.model.biaffine import BiaffineSpanEncoder
 from knowfree_core.model.local_attention import LocalGridAttention
+from knowfree_core.model.row_attention import row_local_attention
 
 __all__ = ["KnowFreeHead", "span_grid_mask", "prior_logit"]
 
@@ -81,12 +82,17 @@ class KnowFreeHead(nn.Module):
         output_prior: float = 0.01,
         chunk_elements: int | None = None,
         input_norm: bool = False,
+        max_span_length: int | None = None,
     ) -> None:
         super().__init__()
         if num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {num_labels}")
         self.num_labels = num_labels
         self.use_local_attention = use_local_attention
+        if max_span_length is not None and max_span_length < 1:
+            raise ValueError(f"max_span_length must be >= 1, got {max_span_length}")
+        self.max_span_length = max_span_length
+        self.window = window if use_local_attention else 0
         self.input_norm = nn.LayerNorm(hidden_size) if input_norm else None
         self.biaffine = BiaffineSpanEncoder(
             hidden_size, ffn_size, grid_size, biaffine_heads, dropout=dropout
@@ -120,4 +126,38 @@ class KnowFreeHead(nn.Module):
                 f"expected hidden (B, L, D) and mask (B, L), got {tuple(hidden.shape)} and "
                 f"{tuple(mask.shape)}"
             )
+        length = hidden.shape[1]
+        if self.max_span_length is not None and self.max_span_length + 2 * self.window < length:
+            return self._forward_band(hidden, mask.bool())
         return self.classifier(self.dropout(self.grid(hidden, mask.bool())))
+
+    def _forward_band(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        """The same logits as the full grid on every span of at most ``max_span_length`` units.
+
+        Only the cells those spans need are computed: for start i, ends i-ω .. i+M-1+ω (the
+        spans plus the ω neighbours each side that their row attention reads; cells left of
+        the diagonal are real keys in the full grid too). Cost O(L·(M+2ω)) instead of O(L²).
+        Cells outside the band get a large negative logit: never predicted, and masked out of
+        the loss by ``span_grid_mask(mask, max_span_length)``.
+        """
+        batch, length, _ = hidden.shape
+        span, window = self.max_span_length, self.window
+        width = span + 2 * window
+        if self.input_norm is not None:
+            hidden = self.input_norm(hidden)
+        band = self.biaffine.biaffine.forward_band(*self.biaffine.boundaries(hidden), -window, width)
+        if self.local_attention is not None and self.norm is not None:
+            # Row i of the band holds ends j = i - ω + c; a key is real when 0 <= j < n.
+            ends = torch.arange(length, device=hidden.device)[:, None] - window + torch.arange(
+                width, device=hidden.device
+            )[None, :]
+            inside = (ends >= 0) & (ends < length)
+            key_mask = mask[:, ends.clamp(0, length - 1)] & inside  # (B, L, W)
+            attended = row_local_attention(self.local_attention, band, key_mask)
+            band = band + self.norm(band + attended)
+        band_logits = self.classifier(self.dropout(band[:, :, window : window + span]))  # (B, L, M, N)
+        logits = band_logits.new_full((batch, length, length, band_logits.shape[-1]), -1e4)
+        for offset in range(min(span, length)):
+            # The offset-th diagonal of the grid holds the spans of offset + 1 units.
+            logits.diagonal(offset, 1, 2).copy_(band_logits[:, : length - offset, offset].transpose(1, 2))
+        return logits

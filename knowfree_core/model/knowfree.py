@@ -92,6 +92,7 @@ class KnowFreeModel(nn.Module):
             dropout=config.dropout,
             output_prior=config.output_prior,
             input_norm=config.input_norm,
+            max_span_length=config.max_span_length,
         )
 
     # ------------------------------------------------------------------ forward / loss
