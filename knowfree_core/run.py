@@ -10,6 +10,7 @@ folder holds everything a user needs to inspect or reuse the run:
       train_data.jsonl     the training sentences actually used (subset + extension labels)
       model/               the best-dev model (see KnowFreeModel.save_pretrained)
       metrics.json         dev and test P/R/F1 of that model, with per-label rows
+      checkpoint/last.pt   the training loop's state after the last finished epoch (resume)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -75,20 +76,9 @@ def add_extension_labels(config: KnowFreeConfig, sentences: list[Sentence]) -> l
     keep = tuple(config.data.extension_sources)
     if keep:
         sentences = [
-            _with_extensions(s, [e for e in s.extension_spans if e.source.startswith(keep)]) for s in sentences
+            replace(s, extension_spans=[e for e in s.extension_spans if e.source.startswith(keep)]) for s in sentences
         ]
     return sentences
-
-
-def _with_extensions(sentence: Sentence, extension_spans) -> Sentence:
-    return Sentence(
-        id=sentence.id,
-        units=sentence.units,
-        spans=sentence.spans,
-        extension_spans=list(extension_spans),
-        synthetic=sentence.synthetic,
-        joiner=sentence.joiner,
-    )
 
 
 def _refuse_resume_with_another_config(config: KnowFreeConfig, run_dir: Path) -> None:
@@ -153,7 +143,7 @@ def _run(config: KnowFreeConfig, run_dir: Path, callback: EpochCallback | None, 
     if config.model.use_extension_labels:
         train = add_extension_labels(config, train)
     else:
-        train = [_with_extensions(s, []) for s in train]
+        train = [replace(s, extension_spans=[]) for s in train]
     write_dataset(train, run_dir / "train_data.jsonl")
     logger.info("data: %d train, %d dev, %d test sentences", len(train), len(dev), len(test))
 
