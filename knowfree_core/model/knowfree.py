@@ -28,7 +28,7 @@ from ..errors import KnowFreeError
 from ..labels import LabelVocab
 from ..records import Sentence, Span
 from .head import KnowFreeHead, span_grid_mask
-from .loss import extension_label_weights, span_bce_loss
+from .loss import extension_label_weights, label_weight_vector, span_bce_loss
 from .targets import build_span_targets
 
 FORMAT_VERSION = 1
@@ -57,19 +57,17 @@ class KnowFreeModel(nn.Module):
         self.vocab = vocab
         self.config = config
         self.encoder_config = encoder_config
-        weights = torch.ones(len(vocab))
-        if vocab.num_extensions:
-            weights[vocab.num_targets :] = torch.as_tensor(
-                extension_label_weights(
-                    [vocab.target_counts.get(label, 0) for label in vocab.targets],
-                    [vocab.extension_counts.get(label, 0) for label in vocab.extensions],
-                    scale=config.alpha_scale,
-                    fixed=config.alpha_fixed,
-                ),
-                dtype=torch.float32,
-            )
-        # A buffer, so that it moves with .to(device) and is saved with the head.
-        self.register_buffer("label_weights", weights, persistent=False)
+        alphas = extension_label_weights(
+            [vocab.target_counts.get(label, 0) for label in vocab.targets],
+            [vocab.extension_counts.get(label, 0) for label in vocab.extensions],
+            scale=config.alpha_scale,
+            fixed=config.alpha_fixed,
+        ) if vocab.num_extensions else torch.zeros(0)
+        # A buffer so it follows .to(device); not saved, since labels.json holds the counts it
+        # is computed from.
+        self.register_buffer(
+            "label_weights", label_weight_vector(vocab.num_targets, alphas), persistent=False
+        )
 
     # ------------------------------------------------------------------ construction
     @classmethod
