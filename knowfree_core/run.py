@@ -81,6 +81,11 @@ def add_extension_labels(config: KnowFreeConfig, sentences: list[Sentence]) -> l
     return sentences
 
 
+# Settings that change where and how fast a run executes, not what it computes: a run may be
+# resumed with other values (e.g. more threads once the machine is free).
+RESUMABLE_CHANGES = frozenset({"train.num_threads", "train.device", "train.eval_batch_size"})
+
+
 def _refuse_resume_with_another_config(config: KnowFreeConfig, run_dir: Path) -> None:
     """A checkpoint resumes only the run that wrote it: a changed config must not inherit it."""
     if not (run_dir / "checkpoint" / "last.pt").is_file() or not (run_dir / "config.yaml").is_file():
@@ -90,7 +95,8 @@ def _refuse_resume_with_another_config(config: KnowFreeConfig, run_dir: Path) ->
     changed = sorted(
         f"{section}.{key}"
         for section, values in current.items() if isinstance(values, dict)
-        for key, value in values.items() if previous.get(section, {}).get(key) != value
+        for key, value in values.items()
+        if previous.get(section, {}).get(key) != value and f"{section}.{key}" not in RESUMABLE_CHANGES
     )
     if changed:
         raise ConfigError(
