@@ -175,16 +175,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
-    from .annotators import apply_annotations, get_annotator
     from .formats import read_dataset, write_dataset
+    from .run import annotate_with
 
-    sentences = read_dataset(args.data, format=args.format)
-    for name in args.annotator:
-        results = get_annotator(name).annotate(sentences, steps=tuple(args.steps))
-        rejected = sum(len(r.rejections) for r in results)
-        spans = sum(len(r.spans) for r in results)
+    sentences, counts = annotate_with(args.annotator, read_dataset(args.data, format=args.format), args.steps)
+    for name, (spans, rejected) in counts.items():
         print(f"{name}: {spans} extension spans, {rejected} rejected", file=sys.stderr)
-        sentences = apply_annotations(sentences, results)
     write_dataset(sentences, args.out)
     print(args.out)
     return 0

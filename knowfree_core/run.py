@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from .annotators import apply_annotations, get_annotator
 from .config import KnowFreeConfig, config_to_dict, load_config, save_config
@@ -64,15 +64,24 @@ def select_training_sentences(config: KnowFreeConfig, pool: list[Sentence]) -> l
     return pool
 
 
+def annotate_with(
+    names: Sequence[str], sentences: list[Sentence], steps: Sequence[str]
+) -> tuple[list[Sentence], dict[str, tuple[int, int]]]:
+    """Run each offline annotator in turn; returns the sentences and, per annotator,
+    (extension spans added, words rejected because they could not be aligned)."""
+    counts: dict[str, tuple[int, int]] = {}
+    for name in names:
+        results = get_annotator(name).annotate(sentences, steps=tuple(steps))
+        counts[name] = (sum(len(r.spans) for r in results), sum(len(r.rejections) for r in results))
+        if counts[name][1]:
+            logger.warning("annotator %s: %d words could not be aligned and were rejected", name, counts[name][1])
+        sentences = apply_annotations(sentences, results)
+    return sentences, counts
+
+
 def add_extension_labels(config: KnowFreeConfig, sentences: list[Sentence]) -> list[Sentence]:
     """Run the configured offline annotators and keep the configured extension sources."""
-    for name in config.data.annotators:
-        annotator = get_annotator(name)
-        results = annotator.annotate(sentences, steps=tuple(config.data.annotation_steps))
-        rejected = sum(len(r.rejections) for r in results)
-        if rejected:
-            logger.warning("annotator %s: %d words could not be aligned and were rejected", name, rejected)
-        sentences = apply_annotations(sentences, results)
+    sentences, _ = annotate_with(config.data.annotators, sentences, config.data.annotation_steps)
     keep = tuple(config.data.extension_sources)
     if keep:
         sentences = [

@@ -92,6 +92,15 @@ def test_banded_gradients_match_dense_reference(case, save_projections):
         assert torch.allclose(got, want, atol=1e-5, rtol=0)
 
 
+def _output_and_grads(module, grid, projection, form):
+    """Output of ``form`` on a fresh copy of ``grid`` and the gradients of a fixed projection of it."""
+    x = grid.clone().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    out = form(x)
+    (out * projection).sum().backward()
+    return [out.detach(), x.grad] + [p.grad for p in module.parameters()]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_banded_matches_nn_multihead_attention_called_with_default_need_weights(dtype):
     # The published reference form: nn.MultiheadAttention(D, K, batch_first=True) called as
@@ -99,16 +108,8 @@ def test_banded_matches_nn_multihead_attention_called_with_default_need_weights(
     case = (3, 9, 20, 10, 3, [9, 6, 0])  # paper's K and ω, a padded and an empty sample
     module, grid, lens = _make(case, dtype)
     projection = torch.randn(grid.shape, dtype=dtype)
-    results = []
-    for form in (
-        lambda x: module(x, lens),
-        lambda x: nn_multihead_attention_reference(module, x, lens),
-    ):
-        x = grid.clone().requires_grad_(True)
-        module.zero_grad(set_to_none=True)
-        out = form(x)
-        (out * projection).sum().backward()
-        results.append([out.detach(), x.grad] + [p.grad for p in module.parameters()])
+    results = [_output_and_grads(module, grid, projection, lambda x: module(x, lens)),
+               _output_and_grads(module, grid, projection, lambda x: nn_multihead_attention_reference(module, x, lens))]
     (banded_out, *banded_grads), (mha_out, *mha_grads) = results
     assert torch.isfinite(mha_out).all()
     assert torch.allclose(banded_out, mha_out, atol=1e-5, rtol=0)
@@ -147,16 +148,8 @@ def test_mask_with_holes_matches_dense_reference():
         ]
     )
     projection = torch.randn(grid.shape, dtype=torch.float64)
-    results = []
-    for form in (
-        lambda x: module(x, mask),
-        lambda x: dense_local_attention_reference(module, x, mask),
-    ):
-        x = grid.clone().requires_grad_(True)
-        module.zero_grad(set_to_none=True)
-        out = form(x)
-        (out * projection).sum().backward()
-        results.append([out.detach(), x.grad] + [p.grad for p in module.parameters()])
+    results = [_output_and_grads(module, grid, projection, lambda x: module(x, mask)),
+               _output_and_grads(module, grid, projection, lambda x: dense_local_attention_reference(module, x, mask))]
     for got, want in zip(*results):
         assert torch.isfinite(got).all()
         assert torch.allclose(got, want, atol=1e-5, rtol=0)
