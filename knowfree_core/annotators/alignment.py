@@ -48,7 +48,7 @@ class Alignment:
     rejections: list[Rejection] = field(default_factory=list)
 
 
-def _fold(char: str) -> str:
+def fold_char(char: str) -> str:
     """Fold one character for matching, always to exactly one character.
 
     Length must be preserved so that positions in the folded text are positions in the
@@ -61,8 +61,14 @@ def _fold(char: str) -> str:
     return folded if len(folded) == 1 else normal
 
 
+def fold_text(text: str) -> str:
+    """``text`` as it is matched against a :class:`TextView`: whitespace removed and every
+    character folded with :func:`fold_char`."""
+    return "".join(fold_char(c) for c in str(text) if not c.isspace())
+
+
 @dataclass(frozen=True)
-class _TextView:
+class TextView:
     """The sentence text without whitespace, folded, with a map back to text offsets,
     plus the unit boundaries expressed as text offsets."""
 
@@ -71,8 +77,21 @@ class _TextView:
     unit_at_start: dict[int, int]  # char offset of a unit's first non-space char -> unit
     unit_at_end: dict[int, int]  # char offset just after a unit's last non-space char -> unit + 1
 
+    def char_span(self, found: int, length: int) -> tuple[int, int]:
+        """Text offsets ``[start, end)`` of the compact match ``[found, found + length)``."""
+        return self.offsets[found], self.offsets[found + length - 1] + 1
 
-def _text_view(units: Sequence[str], joiner: str) -> _TextView:
+    def unit_span(self, char_start: int, char_end: int) -> tuple[int, int] | None:
+        """Units ``[start, end)`` exactly covering text ``[char_start, char_end)``, or None
+        when the match starts or ends inside a unit."""
+        start = self.unit_at_start.get(char_start)
+        end = self.unit_at_end.get(char_end)
+        if start is None or end is None or end <= start:
+            return None
+        return start, end
+
+
+def text_view(units: Sequence[str], joiner: str) -> TextView:
     chars: list[str] = []
     offsets: list[int] = []
     unit_at_start: dict[int, int] = {}
@@ -88,10 +107,10 @@ def _text_view(units: Sequence[str], joiner: str) -> _TextView:
             unit_at_start[position + content[0]] = index
             unit_at_end[position + content[-1] + 1] = index + 1
             for i in content:
-                chars.append(_fold(unit[i]))
+                chars.append(fold_char(unit[i]))
                 offsets.append(position + i)
         position += len(unit)
-    return _TextView("".join(chars), offsets, unit_at_start, unit_at_end)
+    return TextView("".join(chars), offsets, unit_at_start, unit_at_end)
 
 
 def align_words(
@@ -107,11 +126,11 @@ def align_words(
     end, which suits tools that return words in text order (LAC, jieba). A rejected
     word does not move the cursor, so one bad word does not lose the rest.
     """
-    view = _text_view(units, joiner)
+    view = text_view(units, joiner)
     result = Alignment()
     cursor = 0  # in compact characters
     for index, word in enumerate(words):
-        needle = "".join(_fold(c) for c in str(word) if not c.isspace())
+        needle = fold_text(word)
         if not needle:
             continue
         found = view.compact.find(needle, cursor)
@@ -120,13 +139,11 @@ def align_words(
                 Rejection(REASON_NOT_FOUND, f"word {word!r} (#{index}) not in text after char {_char_at(view, cursor)}")
             )
             continue
-        last = found + len(needle) - 1
-        char_start, char_end = view.offsets[found], view.offsets[last] + 1
+        char_start, char_end = view.char_span(found, len(needle))
         # The text was consumed either way: a later word cannot sit inside this one.
-        cursor = last + 1
-        start = view.unit_at_start.get(char_start)
-        end = view.unit_at_end.get(char_end)
-        if start is None or end is None or end <= start:
+        cursor = found + len(needle)
+        units_covered = view.unit_span(char_start, char_end)
+        if units_covered is None:
             result.rejections.append(
                 Rejection(
                     REASON_NOT_ON_UNIT_BOUNDARY,
@@ -134,11 +151,11 @@ def align_words(
                 )
             )
             continue
-        result.words.append(AlignedWord(start, end, index))
+        result.words.append(AlignedWord(units_covered[0], units_covered[1], index))
     return result
 
 
-def _char_at(view: _TextView, cursor: int) -> int:
+def _char_at(view: TextView, cursor: int) -> int:
     """Text offset of the compact cursor, for messages."""
     if cursor < len(view.offsets):
         return view.offsets[cursor]

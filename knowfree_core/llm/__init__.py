@@ -1,0 +1,1 @@
+"""LLM engines, prompt answers and their parsing, for label extension and synthesis."""

@@ -1,0 +1,168 @@
+"""The LLM engine interface: chat prompts in, completions out.
+
+Every engine (an OpenAI-compatible endpoint, vLLM, local transformers) answers a *batch*
+of chat prompts and never raises for one bad prompt: a prompt that fails after the
+engine's own retries comes back as a ``Completion`` with ``error`` set, so one timeout
+costs one answer, not a batch of finished work. Engines raise only for problems that
+no prompt can survive (missing API key, model not found at start-up).
+
+Engines are built from an ``EngineConfig`` by ``build_engine`` and import their heavy
+dependency (openai, vllm, transformers) only when chosen.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+#: One chat prompt: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
+ChatPrompt = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling settings shared by every engine. Greedy by default: annotation wants the
+    model's single best reading, and greedy answers are what makes the answer cache valid."""
+
+    max_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def cache_key(self) -> str:
+        return f"max_tokens={self.max_tokens};temperature={self.temperature};top_p={self.top_p};seed={self.seed};stop={list(self.stop)}"
+
+
+@dataclass
+class Completion:
+    """One answer. Exactly one of ``text`` and ``error`` is meaningful: ``error`` is set
+    when the engine gave up on this prompt (its reason, without secrets)."""
+
+    text: str = ""
+    error: str | None = None
+    finish_reason: str | None = None
+    cached: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class EngineConfig:
+    """Which engine answers prompts and how. Unused keys are ignored by engines that do not
+    need them, so one config section can switch between engines.
+
+    kind
+        ``openai`` | ``vllm`` | ``transformers``.
+    model
+        Model name (openai: as the server knows it) or local path (vllm, transformers).
+    base_url, api_key_env
+        openai: the endpoint and the *name* of the environment variable holding the key
+        (the key itself never appears in a config, a log or an output record).
+    max_concurrency, max_retries, timeout_s
+        openai: parallel requests per engine, retries on 429/5xx/timeouts, per-request timeout.
+    tensor_parallel_size, max_model_len, dtype, gpu_memory_utilization
+        vllm engine settings.
+    device, gguf_file
+        transformers: ``cpu``/``cuda``; a GGUF file inside ``model`` when the weights are GGUF.
+    chat_template
+        ``auto`` uses the tokenizer's chat template when it has one; ``plain`` joins the
+        messages as text (base models without a template).
+    extra
+        Passed through to the engine's constructor (vllm ``LLM(**extra)``, etc.).
+    """
+
+    kind: str = "openai"
+    model: str = ""
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: int = 8
+    max_retries: int = 5
+    timeout_s: float = 120.0
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    gpu_memory_utilization: float = 0.9
+    device: str = "cpu"
+    gguf_file: str | None = None
+    chat_template: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+#: Role labels of the plain-text rendering (``chat_template: plain``).
+_PLAIN_ROLES = {"system": "", "user": "User: ", "assistant": "Assistant: "}
+
+#: Stop string added in plain mode: a base model that has answered tends to go on writing the
+#: next "User:" turn of the transcript it was shown; this ends its answer there.
+PLAIN_STOP = "\nUser:"
+
+
+def render_plain(messages: ChatPrompt) -> str:
+    """Join chat messages as one text for base models without a chat template.
+
+    The system message comes first without a label, then ``User: ...`` / ``Assistant: ...``
+    turns separated by blank lines, ending with ``Assistant:`` so the model writes the answer.
+    A final assistant message is a prefill: the model continues it.
+    """
+    parts: list[str] = []
+    for message in messages:
+        role = message.get("role", "user")
+        parts.append(_PLAIN_ROLES.get(role, f"{role.capitalize()}: ") + message.get("content", ""))
+    if messages and messages[-1].get("role") == "assistant":
+        return "\n\n".join(parts)
+    return "\n\n".join(parts + ["Assistant:"])
+
+
+def plain_stops(params: GenerationParams, limit: int | None = None) -> list[str]:
+    """``params.stop`` plus :data:`PLAIN_STOP` (when ``limit`` allows: OpenAI takes at most 4)."""
+    stops = list(params.stop)
+    if PLAIN_STOP not in stops and (limit is None or len(stops) < limit):
+        stops.append(PLAIN_STOP)
+    return stops
+
+
+class LLMEngine(ABC):
+    """Answers batches of chat prompts."""
+
+    #: ``EngineConfig.kind`` of this engine; part of the answer-cache key.
+    kind: str = ""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+
+    @property
+    def model_name(self) -> str:
+        """The model's identity for cache keys and output records."""
+        return self.config.model
+
+    @abstractmethod
+    def generate(self, prompts: list[ChatPrompt], params: GenerationParams) -> list[Completion]:
+        """One completion per prompt, in input order; never raises for a single prompt."""
+
+    def close(self) -> None:
+        """Release connections, processes or GPU memory. Safe to call twice."""
+
+
+# kind -> "module:Class"; imported on demand so that choosing openai never imports vllm.
+_ENGINES: dict[str, str] = {
+    "openai": "knowfree_core.llm.openai_engine:OpenAIEngine",
+    "vllm": "knowfree_core.llm.vllm_engine:VLLMEngine",
+    "transformers": "knowfree_core.llm.transformers_engine:TransformersEngine",
+}
+
+
+def known_engines() -> tuple[str, ...]:
+    return tuple(sorted(_ENGINES))
+
+
+def build_engine(config: EngineConfig) -> LLMEngine:
+    target = _ENGINES.get(config.kind)
+    if target is None:
+        raise ValueError(f"unknown LLM engine {config.kind!r}; known engines: {', '.join(known_engines())}")
+    module_name, class_name = target.split(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(config)

@@ -1,0 +1,259 @@
+"""Prompt templates for the LLM steps of KnowFREE, loaded from YAML files.
+
+Each step of the paper's workflow has one template per language: ``ent`` (P_ent, Figure 9),
+``seg`` (P_seg), ``pos`` (P_pos, Figure 10), ``merge`` (P_merge), ``exp`` (P_exp, Figure 11)
+and ``ext`` (P_ext, Figure 12). The templates ship in the ``prompts`` package as
+``prompts/<language>/<step>.yaml``; a user folder with the same layout is searched first, so
+wording can be changed or a language added without touching code.
+
+A template file holds::
+
+    name: ent                # the step; must match the file name
+    language: zh             # must match the folder name
+    version: ent-zh-v1       # recorded with every answer, so results can be traced to wording
+    description: ...         # optional
+    system: ...              # optional system message (a Jinja2 template)
+    user: ...                # the user message (a Jinja2 template)
+    response: json           # "json" or "text": what the answer is expected to be
+
+Templates are Jinja2 (``{{ sentence }}``), not ``str.format``, because the paper's prompts
+contain literal braces (``[{entity: "", type: ""}]``). Two filters are available:
+``json`` (a list or dict as JSON with non-ASCII kept; a string is taken as already formatted)
+and ``entity_list`` (``[("院长", "头衔职称")]`` -> ``['院长(头衔职称)']``, the paper's P_exp form).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import jinja2
+import yaml
+
+from knowfree_core.errors import ConfigError
+
+STEPS = ("ent", "seg", "pos", "merge", "exp", "ext")
+RESPONSE_KINDS = ("json", "text")
+_REQUIRED_KEYS = ("name", "language", "version", "user", "response")
+_OPTIONAL_KEYS = ("description", "system")
+
+
+def _require_defined(value: Any) -> None:
+    # Filters receive the Undefined object itself; stringifying a StrictUndefined raises the
+    # UndefinedError that render() turns into a message naming the variable.
+    if isinstance(value, jinja2.Undefined):
+        str(value)
+
+
+def _json_filter(value: Any) -> str:
+    # Non-ASCII must stay readable: the model sees the words, not \\u escapes.
+    _require_defined(value)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, tuple):
+        value = list(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _entity_list_filter(entities: Any) -> str:
+    """Format entities as the paper's P_exp shows them: ``['实体(类型)', ...]``."""
+    _require_defined(entities)
+    if isinstance(entities, str):
+        return entities
+    formatted = []
+    for item in entities:
+        if isinstance(item, str):
+            formatted.append(item)
+        elif isinstance(item, (list, tuple)) and len(item) == 2:
+            formatted.append(f"{item[0]}({item[1]})")
+        else:
+            raise ValueError(f"entities must be (entity, type) pairs or strings, got {item!r}")
+    # The paper writes a Python-style list with single quotes; repr of a list of str gives
+    # exactly that (and escapes a quote inside an entity safely).
+    return repr(formatted)
+
+
+def _environment() -> jinja2.Environment:
+    # StrictUndefined: a misspelt or missing variable must fail, not render as "".
+    # No autoescape: prompts are plain text, not HTML.
+    environment = jinja2.Environment(
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=False,
+    )
+    environment.filters["json"] = _json_filter
+    environment.filters["entity_list"] = _entity_list_filter
+    return environment
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """One step's prompt in one language; :meth:`render` turns it into chat messages."""
+
+    name: str
+    language: str
+    version: str
+    user: str
+    system: str | None = None
+    response: str = "json"
+    path: str = "<string>"
+    description: str = ""
+    _compiled: tuple[jinja2.Template | None, jinja2.Template] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        environment = _environment()
+        try:
+            system = environment.from_string(self.system) if self.system else None
+            user = environment.from_string(self.user)
+        except jinja2.TemplateSyntaxError as error:
+            raise ConfigError(
+                f"{self.path}: template syntax error on line {error.lineno}: {error.message}"
+            ) from error
+        object.__setattr__(self, "_compiled", (system, user))
+
+    def render(self, **variables: Any) -> list[dict[str, str]]:
+        """Chat messages: the system message (when the template has one), then the user's.
+
+        A variable the template uses but the caller did not pass raises
+        :class:`ConfigError` naming it and the template file.
+        """
+        system, user = self._compiled
+        messages: list[dict[str, str]] = []
+        try:
+            if system is not None:
+                messages.append({"role": "system", "content": system.render(**variables)})
+            messages.append({"role": "user", "content": user.render(**variables)})
+        except jinja2.UndefinedError as error:
+            raise ConfigError(
+                f"{self.path}: cannot render prompt {self.name!r}: {error.message} "
+                f"(pass it to render(); given: {sorted(variables) or 'nothing'})"
+            ) from error
+        return messages
+
+
+@dataclass(frozen=True)
+class PromptInfo:
+    """A template found by :func:`available_prompts`."""
+
+    language: str
+    step: str
+    version: str
+    path: str
+
+
+def bundled_prompts_dir() -> Path:
+    """The folder of the templates shipped with the library."""
+    try:
+        package = importlib.import_module("prompts")
+        # A different top-level "prompts" package could be installed; only trust ours.
+        candidate = Path(package.__file__).resolve().parent if package.__file__ else None
+        if candidate is not None and (candidate / "zh" / "ent.yaml").is_file():
+            return candidate
+    except ImportError:
+        pass
+    # An editable install made before prompts/ existed does not map the package; the source
+    # tree still has it next to knowfree_core/.
+    source_tree = Path(__file__).resolve().parents[1] / "prompts"
+    if (source_tree / "zh" / "ent.yaml").is_file():
+        return source_tree
+    raise ConfigError(
+        "the bundled prompt templates (the 'prompts' package) are not installed; "
+        "reinstall knowfree or pass prompts_dir"
+    )
+
+
+def _search_dirs(prompts_dir: str | Path | None) -> list[Path]:
+    dirs = []
+    if prompts_dir is not None:
+        user_dir = Path(prompts_dir)
+        if not user_dir.is_dir():
+            raise ConfigError(f"{user_dir}: prompts_dir is not a folder")
+        dirs.append(user_dir)
+    dirs.append(bundled_prompts_dir())
+    return dirs
+
+
+def load_prompt_file(path: str | Path) -> PromptTemplate:
+    """Read and check one template file; every problem names the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read prompt template: {error.strerror}") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: prompt template is not UTF-8 text") from error
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(f"{where}: malformed YAML in prompt template: {problem}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: a prompt template must be a YAML mapping with keys {', '.join(_REQUIRED_KEYS)}"
+        )
+    missing = [key for key in _REQUIRED_KEYS if key not in data or data[key] in (None, "")]
+    if missing:
+        raise ConfigError(f"{path}: prompt template is missing {', '.join(missing)}")
+    unknown = sorted(set(data) - set(_REQUIRED_KEYS) - set(_OPTIONAL_KEYS))
+    if unknown:
+        allowed = ", ".join(_REQUIRED_KEYS + _OPTIONAL_KEYS)
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(map(str, unknown))} (allowed: {allowed})")
+    for key in _REQUIRED_KEYS + _OPTIONAL_KEYS:
+        if key in data and data[key] is not None and not isinstance(data[key], str):
+            raise ConfigError(f"{path}: {key} must be text, got {type(data[key]).__name__}")
+    if data["response"] not in RESPONSE_KINDS:
+        raise ConfigError(f"{path}: response must be one of {', '.join(RESPONSE_KINDS)}, got {data['response']!r}")
+    # The file's place says which step and language it serves; a copied file whose header
+    # was not updated would silently send the wrong prompt, so a mismatch is an error.
+    if path.stem != data["name"]:
+        raise ConfigError(f"{path}: name is {data['name']!r} but the file is for step {path.stem!r}")
+    if path.parent.name != data["language"]:
+        raise ConfigError(
+            f"{path}: language is {data['language']!r} but the file is in folder {path.parent.name!r}"
+        )
+    return PromptTemplate(
+        name=data["name"],
+        language=data["language"],
+        version=data["version"],
+        user=data["user"],
+        system=data.get("system") or None,
+        response=data["response"],
+        path=str(path),
+        description=data.get("description") or "",
+    )
+
+
+def load_prompt(step: str, language: str = "zh", prompts_dir: str | Path | None = None) -> PromptTemplate:
+    """The template of ``step`` in ``language``: ``<prompts_dir>/<language>/<step>.yaml`` when
+    the user folder has it, otherwise the bundled one."""
+    dirs = _search_dirs(prompts_dir)
+    for directory in dirs:
+        path = directory / language / f"{step}.yaml"
+        if path.is_file():
+            return load_prompt_file(path)
+    known = sorted({(info.language, info.step) for info in available_prompts(prompts_dir)})
+    listing = ", ".join(f"{lang}/{name}" for lang, name in known)
+    searched = ", ".join(str(d / language / f"{step}.yaml") for d in dirs)
+    raise ConfigError(f"no prompt template for step {step!r} in language {language!r} (looked for {searched}; available: {listing})")
+
+
+def _template_files(directory: Path) -> Iterable[Path]:
+    return sorted(p for p in directory.glob("*/*.yaml") if p.is_file())
+
+
+def available_prompts(prompts_dir: str | Path | None = None) -> list[PromptInfo]:
+    """Every template that :func:`load_prompt` can find, a user's shadowing the bundled one."""
+    found: dict[tuple[str, str], PromptInfo] = {}
+    for directory in _search_dirs(prompts_dir):
+        for path in _template_files(directory):
+            key = (path.parent.name, path.stem)
+            if key in found:
+                continue
+            template = load_prompt_file(path)
+            found[key] = PromptInfo(template.language, template.name, template.version, str(path))
+    return [found[key] for key in sorted(found)]
