@@ -107,10 +107,12 @@ class KnowFreeConfig:
     output_dir: str = "runs/knowfree"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> KnowFreeConfig:
-    """Merge defaults, an optional YAML file and ``key=value`` overrides into a typed config."""
+def load_structured(schema: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Defaults of the dataclass ``schema``, merged with a YAML file and ``key=value``
+    overrides, as a typed instance; unknown keys and wrong types are a ConfigError naming
+    them. Used by ``knowfree train`` and by every Ray job's config."""
     try:
-        merged = OmegaConf.structured(KnowFreeConfig)
+        merged = OmegaConf.structured(schema)
         if path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"config file not found: {path}")
@@ -121,10 +123,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if OmegaConf.missing_keys(merged):
             missing = ", ".join(sorted(OmegaConf.missing_keys(merged)))
             raise ConfigError(f"config is missing required keys: {missing}")
-        config = OmegaConf.to_object(merged)
+        return OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         where = f" in {path}" if path else ""
         raise ConfigError(f"invalid configuration{where}: {error}") from error
+
+
+def structured_to_dict(config: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> KnowFreeConfig:
+    """Merge defaults, an optional YAML file and ``key=value`` overrides into a typed config."""
+    config = load_structured(KnowFreeConfig, path, overrides)
     validate_config(config)
     return config
 

@@ -173,8 +173,8 @@ def test_alignment_rejects_absent_word_and_keeps_going():
     result = align_words(list("我爱北京天安门"), ["我", "猫", "爱", "北京", "天安门"])
     assert [(w.start, w.end, w.index) for w in result.words] == [(0, 1, 0), (1, 2, 2), (2, 4, 3), (4, 7, 4)]
     assert len(result.rejections) == 1
-    reason, detail = result.rejections[0]
-    assert reason == REASON_NOT_FOUND and "猫" in detail
+    rejection = result.rejections[0]
+    assert rejection.reason == REASON_NOT_FOUND and "猫" in rejection.detail
 
 
 def test_alignment_whole_units_only_for_tokens():

@@ -26,10 +26,15 @@ REASON_TOOL_ERROR = "tool error"
 
 
 class Rejection(NamedTuple):
-    """Why a piece of annotator output was not turned into a span."""
+    """Why a piece of annotator output was not turned into a span.
+
+    ``step`` (ent/seg/pos) is filled in by annotators that run several steps, so job
+    summaries can count rejections per step and reason.
+    """
 
     reason: str
     detail: str
+    step: str = ""
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,10 @@ class AnnotationResult:
     spans: list[ExtensionSpan] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
     sources: tuple[str, ...] = ()
+    #: LLM annotators: the raw answer per step and the prompt version that asked for it,
+    #: kept in output records so a user can audit any label back to the answer it came from.
+    raw_answers: dict[str, str] = field(default_factory=dict)
+    prompt_versions: dict[str, str] = field(default_factory=dict)
 
 
 class Annotator(ABC):
@@ -225,6 +229,7 @@ def apply_annotations(
 _REGISTRY: dict[str, str] = {
     "lac": "knowfree_core.annotators.lac:LacAnnotator",
     "jieba": "knowfree_core.annotators.jieba_annotator:JiebaAnnotator",
+    "llm": "knowfree_core.llm.annotator:LLMAnnotator",
 }
 
 
@@ -233,10 +238,19 @@ def known_annotators() -> tuple[str, ...]:
 
 
 def get_annotator(name: str, **options: Any) -> Annotator:
-    """Build the annotator registered as ``name`` with ``options`` for its constructor."""
+    """Build the annotator registered as ``name`` with ``options`` for its constructor.
+
+    ``name`` may also be ``"package.module:ClassName"``: a user's own ``Annotator`` subclass,
+    plugged in without changing this registry.
+    """
     target = _REGISTRY.get(name)
+    if target is None and ":" in name:
+        target = name
     if target is None:
-        raise ValueError(f"unknown annotator {name!r}; known annotators: {', '.join(known_annotators())}")
+        raise ValueError(
+            f"unknown annotator {name!r}; known annotators: {', '.join(known_annotators())} "
+            "(or 'package.module:ClassName')"
+        )
     module_name, class_name = target.split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
     return cls(**options)

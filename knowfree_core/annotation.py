@@ -1,0 +1,333 @@
+"""Pipeline-1 annotation as plain functions: input preparation, one batch, output records,
+the summary. ``jobs/annotate.py`` runs these inside Ray Data; nothing here imports ray, so
+every piece is unit-tested without a cluster.
+
+Flow::
+
+    prepare_input(inputs)   any dataset format, or raw text (one sentence per line)
+        → JSONL shards of {"id", "order", "record"}   (ids unique and stable across runs,
+                                                       which is what resume keys on)
+    BatchAnnotator(spec)(rows) → output rows           (one per input row, never dropped)
+    collect_output(rows_dir) → annotated.jsonl + summary
+
+An output row keeps the original sentence with its new extension spans, the raw answers,
+the prompt versions and every rejection with its step and reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from knowfree_core.annotators import apply_annotations, get_annotator
+from knowfree_core.annotators.alignment import Rejection
+from knowfree_core.annotators.base import STEPS, AnnotationResult, Annotator
+from knowfree_core.errors import ConfigError, DataFormatError
+from knowfree_core.formats import read_dataset
+from knowfree_core.records import Sentence
+
+logger = logging.getLogger(__name__)
+
+REASON_TOO_LONG = "sentence too long"
+REASON_BATCH_FAILED = "annotator failed"
+
+#: Files read as raw text (one sentence per line) when the input is a folder.
+RAW_TEXT_SUFFIXES = (".txt",)
+
+
+@dataclass
+class AnnotatorSpec:
+    """Which annotator runs and with what: enough to rebuild it inside a Ray actor.
+
+    name
+        ``lac``, ``jieba``, ``llm`` or ``package.module:Class`` (a user's Annotator).
+    options
+        Constructor keyword arguments (for ``llm``: ``engine``, ``language``,
+        ``prompts_dir``, ``params``, ``cache``, ``source_prefix``).
+    max_units
+        Longer sentences are passed through unannotated with a counted rejection: a prompt
+        past the model's context would fail anyway, and a tool may slow down badly.
+    """
+
+    name: str = "lac"
+    steps: tuple[str, ...] = STEPS
+    options: dict[str, Any] = field(default_factory=dict)
+    max_units: int = 512
+
+    def build(self) -> Annotator:
+        return get_annotator(self.name, **self.options)
+
+
+# -- input --------------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedInput:
+    shards: list[Path]
+    sentences: int
+    fingerprint: str
+
+
+def _raw_text_sentences(path: Path, relative: str, joiner: str) -> Iterator[Sentence]:
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataFormatError(str(path), line_number, f"not UTF-8 ({error.reason})", "UTF-8 text") from error
+            text = line.strip()
+            if not text:
+                continue
+            units = list(text) if joiner == "" else text.split()
+            yield Sentence(id=f"{relative}:{line_number}", units=units, joiner=joiner)
+
+
+def iter_input_sentences(
+    inputs: Sequence[str | Path], format: str | None = None, read_options: dict | None = None, joiner: str = ""
+) -> Iterator[Sentence]:
+    """Sentences of every input, in order. A folder, or ``format="text"``, is raw text: one
+    sentence per line, id ``<file>:<line>``. Dataset files keep their readers' ids, prefixed
+    by the file stem when several files are given (ids must be unique across the job)."""
+    multiple = len(inputs) > 1
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            raise ConfigError(f"input {path} does not exist")
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in RAW_TEXT_SUFFIXES)
+            if not files:
+                raise ConfigError(f"input folder {path} has no {'/'.join(RAW_TEXT_SUFFIXES)} files")
+            for file in files:
+                yield from _raw_text_sentences(file, str(file.relative_to(path)), joiner)
+        elif format == "text":
+            yield from _raw_text_sentences(path, path.name, joiner)
+        else:
+            for sentence in read_dataset(path, format=format, **dict(read_options or {})):
+                if multiple:
+                    sentence.id = f"{path.stem}/{sentence.id}"
+                yield sentence
+
+
+def prepare_input(
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    format: str | None = None,
+    read_options: dict | None = None,
+    joiner: str = "",
+    shard_size: int = 5000,
+) -> PreparedInput:
+    """Write the inputs as JSONL shards of ``{"id", "order", "record"}`` rows.
+
+    ``order`` is the sentence's position over all inputs (the collected output keeps it, so
+    training subsets drawn from the output are the same as from the input). A repeated id
+    is an error naming it: resume and de-duplication key on ids.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("shard-*.jsonl"):
+        old.unlink()
+    digest = hashlib.sha256()
+    seen: set[str] = set()
+    shards: list[Path] = []
+    handle = None
+    count = 0
+    try:
+        for sentence in iter_input_sentences(inputs, format, read_options, joiner):
+            if sentence.id in seen:
+                raise DataFormatError(str(inputs[0]), None, f"sentence id {sentence.id!r} occurs twice", "unique ids")
+            seen.add(sentence.id)
+            if count % shard_size == 0:
+                if handle:
+                    handle.close()
+                shards.append(out / f"shard-{len(shards):05d}.jsonl")
+                handle = open(shards[-1], "w", encoding="utf-8")
+            record = json.dumps(sentence.to_dict(), ensure_ascii=False)
+            line = json.dumps({"id": sentence.id, "order": count, "record": record}, ensure_ascii=False)
+            digest.update(line.encode("utf-8"))
+            handle.write(line + "\n")
+            count += 1
+    finally:
+        if handle:
+            handle.close()
+    if count == 0:
+        raise ConfigError(f"no sentences in {', '.join(map(str, inputs))}")
+    return PreparedInput(shards, count, digest.hexdigest()[:16])
+
+
+# -- one batch ----------------------------------------------------------------------------
+
+
+def _rejection_dicts(result: AnnotationResult) -> list[dict[str, str]]:
+    return [{"step": r.step, "reason": r.reason, "detail": r.detail} for r in result.rejections]
+
+
+class BatchAnnotator:
+    """Annotates batches of prepared rows; one instance per worker (a Ray actor).
+
+    Input rows: ``{"id", "order", "record"}``. Output rows (one per input row, same id):
+    ``id``, ``order``, ``record`` (the sentence as JSON with its extension spans),
+    ``annotator``, ``raw_answers`` and ``prompt_versions`` (JSON objects by step),
+    ``rejections`` (JSON list of {step, reason, detail}), ``n_spans``, ``n_rejections``,
+    ``seconds`` (this batch's time, shared by its rows).
+
+    If the annotator raises for the whole batch it is retried sentence by sentence, so a
+    sentence that crashes the tool is rejected alone and the rest keep their labels.
+    """
+
+    def __init__(self, spec: AnnotatorSpec | dict):
+        self.spec = spec if isinstance(spec, AnnotatorSpec) else AnnotatorSpec(**spec)
+        self.spec.steps = tuple(self.spec.steps)
+        self._annotator: Annotator | None = None
+
+    @property
+    def annotator(self) -> Annotator:
+        if self._annotator is None:
+            self._annotator = self.spec.build()
+        return self._annotator
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        started = time.perf_counter()
+        sentences = [Sentence.from_dict(json.loads(row["record"])) for row in rows]
+        fits = [s for s in sentences if len(s) <= self.spec.max_units]
+        results = {r.sentence_id: r for r in self._annotate(fits)}
+        for sentence in sentences:
+            if len(sentence) > self.spec.max_units:
+                results[sentence.id] = AnnotationResult(
+                    sentence.id,
+                    rejections=[_too_long(len(sentence), self.spec.max_units)],
+                )
+        annotated = {s.id: s for s in apply_annotations(sentences, results.values())}
+        seconds = time.perf_counter() - started
+        out = []
+        for row, sentence in zip(rows, sentences):
+            result = results[sentence.id]
+            out.append(
+                {
+                    "id": str(row["id"]),
+                    "order": int(row["order"]),
+                    "record": json.dumps(annotated[sentence.id].to_dict(), ensure_ascii=False),
+                    "annotator": self.spec.name,
+                    "raw_answers": json.dumps(result.raw_answers, ensure_ascii=False),
+                    "prompt_versions": json.dumps(result.prompt_versions, ensure_ascii=False),
+                    "rejections": json.dumps(_rejection_dicts(result), ensure_ascii=False),
+                    "n_spans": len(result.spans),
+                    "n_rejections": len(result.rejections),
+                    "seconds": seconds / max(len(rows), 1),
+                }
+            )
+        return out
+
+    def _annotate(self, sentences: list[Sentence]) -> list[AnnotationResult]:
+        if not sentences:
+            return []
+        try:
+            return self.annotator.annotate(sentences, steps=self.spec.steps)
+        except Exception as batch_error:  # noqa: BLE001 - retried one by one below
+            logger.warning("annotator failed on a batch of %d (%s); retrying one by one", len(sentences), batch_error)
+        results = []
+        for sentence in sentences:
+            try:
+                results.extend(self.annotator.annotate([sentence], steps=self.spec.steps))
+            except Exception as error:  # noqa: BLE001 - a counted rejection, never a lost batch
+                results.append(
+                    AnnotationResult(
+                        sentence.id,
+                        rejections=[Rejection(REASON_BATCH_FAILED, f"{type(error).__name__}: {error}")],
+                    )
+                )
+        return results
+
+
+def _too_long(length: int, limit: int) -> Rejection:
+    return Rejection(REASON_TOO_LONG, f"{length} units > max_units {limit}")
+
+
+# -- output -------------------------------------------------------------------------------
+
+
+@dataclass
+class AnnotationSummary:
+    sentences: int = 0
+    annotated: int = 0
+    extension_spans: int = 0
+    spans_by_source: dict[str, int] = field(default_factory=dict)
+    rejections: int = 0
+    rejections_by_reason: dict[str, int] = field(default_factory=dict)
+    sentences_with_rejections: int = 0
+    annotator_seconds: float = 0.0
+    wall_seconds: float | None = None
+    sentences_per_second: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        lines = [
+            f"sentences            {self.sentences}",
+            f"extension spans      {self.extension_spans}",
+        ]
+        lines += [f"  {source:<18} {n}" for source, n in sorted(self.spans_by_source.items())]
+        lines.append(f"rejections           {self.rejections} (in {self.sentences_with_rejections} sentences)")
+        lines += [f"  {reason:<40} {n}" for reason, n in sorted(self.rejections_by_reason.items(), key=lambda x: -x[1])]
+        if self.sentences_per_second is not None:
+            lines.append(f"throughput           {self.sentences_per_second:.1f} sentences/s over {self.wall_seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def summarize(rows: Iterable[dict[str, Any]]) -> AnnotationSummary:
+    summary = AnnotationSummary()
+    by_source: Counter[str] = Counter()
+    by_reason: Counter[str] = Counter()
+    for row in rows:
+        summary.sentences += 1
+        record = json.loads(row["record"])
+        by_source.update(span.get("source", "") for span in record.get("extension_spans", []))
+        rejections = json.loads(row["rejections"])
+        if rejections:
+            summary.sentences_with_rejections += 1
+        by_reason.update(f"{r['step']}: {r['reason']}" if r["step"] else r["reason"] for r in rejections)
+        summary.annotator_seconds += float(row.get("seconds") or 0.0)
+    summary.extension_spans = sum(by_source.values())
+    summary.spans_by_source = dict(by_source)
+    summary.rejections = sum(by_reason.values())
+    summary.rejections_by_reason = dict(by_reason)
+    return summary
+
+
+def read_output_rows(rows_dir: str | Path) -> list[dict[str, Any]]:
+    """Every row the job wrote (JSONL or Parquet files), sorted by input order."""
+    rows: list[dict[str, Any]] = []
+    for path in sorted(Path(rows_dir).rglob("*")):
+        if path.suffix == ".json" or path.suffix == ".jsonl":
+            with open(path, encoding="utf-8") as handle:
+                rows.extend(json.loads(line) for line in handle if line.strip())
+        elif path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            rows.extend(pq.read_table(path).to_pylist())
+    rows.sort(key=lambda row: int(row["order"]))
+    return rows
+
+
+def collect_output(rows_dir: str | Path, out_path: str | Path) -> tuple[AnnotationSummary, int]:
+    """Write ``annotated.jsonl`` (the sentences with their extension spans, in input order,
+    readable by ``knowfree train``) and return the summary and the number of duplicate ids
+    found (0 when the job wrote every row exactly once; duplicates are dropped, first kept)."""
+    rows = read_output_rows(rows_dir)
+    seen: set[str] = set()
+    unique = []
+    for row in rows:
+        if row["id"] in seen:
+            continue
+        seen.add(row["id"])
+        unique.append(row)
+    with open(out_path, "w", encoding="utf-8") as handle:
+        for row in unique:
+            handle.write(row["record"] + "\n")
+    return summarize(unique), len(rows) - len(unique)

