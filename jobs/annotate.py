@@ -1,0 +1,291 @@
+"""Pipeline 1, label extension annotation, as a Ray Data job.
+
+    python -m jobs.annotate --config configs/annotate-weibo.yaml [--set key=value ...]
+    ray job submit --working-dir . -- python -m jobs.annotate --config ...
+
+input (any dataset format, or a folder of raw text) → JSONL shards with stable ids →
+``read_json`` → ``map_batches`` into a pool of annotator actors (offline tools or an LLM
+engine) → JSONL/Parquet row files → ``annotated.jsonl`` (what ``knowfree train`` reads)
+and ``summary.json``.
+
+Resume: Ray Data's own checkpointing (``DataContext.checkpoint_config`` keyed on the id
+column) records the ids of every written row; the same command after a crash skips them.
+LLM answers also go through an answer cache (SQLite, keyed by engine, model, prompt version
+and prompt), so even rows that were annotated but not yet written are not paid for twice.
+A rerun with different settings or input is refused unless ``restart=true``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+from jobs.common import RayConfig, config_arguments, init_ray, run_main
+from knowfree_core.annotation import AnnotatorSpec, BatchAnnotator, collect_output, prepare_input
+from knowfree_core.config import load_structured, structured_to_dict
+from knowfree_core.errors import ConfigError
+from knowfree_core.llm.engine import EngineConfig, GenerationParams
+
+logger = logging.getLogger("jobs.annotate")
+
+
+@dataclass
+class LLMSettings:
+    """Used when ``annotator: llm``."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    language: str = "zh"
+    prompts_dir: Optional[str] = None
+    generation: GenerationParams = field(default_factory=GenerationParams)
+    #: SQLite answer cache; default ``<output_dir>/answers.sqlite``. On a multi-node cluster
+    #: point it at node-local disk (each node then keeps its own cache).
+    cache: Optional[str] = None
+    source_prefix: str = "llm"
+    entity_mode: str = "all"
+
+
+@dataclass
+class PoolConfig:
+    """The actor pool. One actor holds one annotator (one LLM engine, one LAC model)."""
+
+    num_actors: int = 2
+    batch_size: int = 64
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    #: CPUs reserved by each read task. Kept small: on a small machine a read task that
+    #: waits for a whole CPU next to busy actors (and Ray Data's checkpoint filter actor)
+    #: stalls the pipeline forever.
+    read_cpus: float = 0.25
+    #: Blocks the input is split into (default 4 per actor) so every actor gets work.
+    blocks: Optional[int] = None
+
+
+@dataclass
+class AnnotateJobConfig:
+    input: List[str] = MISSING
+    format: Optional[str] = None  # null: from the extension; "text": raw lines
+    read_options: Dict[str, Any] = field(default_factory=dict)
+    joiner: str = ""  # raw text: "" splits characters (zh), " " whitespace tokens (en)
+    output_dir: str = MISSING
+    output_format: str = "jsonl"  # row files: jsonl or parquet
+    annotator: str = "lac"  # lac | jieba | llm | package.module:Class
+    steps: List[str] = field(default_factory=lambda: ["ent", "seg", "pos"])
+    max_units: int = 512
+    llm: LLMSettings = field(default_factory=LLMSettings)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    restart: bool = False
+
+
+def annotator_spec(config: AnnotateJobConfig) -> AnnotatorSpec:
+    options: dict[str, Any] = {}
+    if config.annotator == "llm":
+        llm = config.llm
+        options = {
+            "engine": asdict(llm.engine),
+            "language": llm.language,
+            "prompts_dir": llm.prompts_dir,
+            "params": asdict(llm.generation),
+            "cache": llm.cache or str(Path(config.output_dir).resolve() / "answers.sqlite"),
+            "source_prefix": llm.source_prefix,
+            "entity_mode": llm.entity_mode,
+        }
+    return AnnotatorSpec(name=config.annotator, steps=tuple(config.steps), options=options, max_units=config.max_units)
+
+
+def _settings_that_change_results(config: AnnotateJobConfig) -> dict[str, Any]:
+    settings = structured_to_dict(config)
+    llm = settings["llm"]
+    # Concurrency, timeouts and the cache location change how fast, not what is computed.
+    for key in ("max_concurrency", "max_retries", "timeout_s", "api_key_env", "base_url"):
+        llm["engine"].pop(key, None)
+    llm.pop("cache", None)
+    return {k: settings[k] for k in ("annotator", "steps", "max_units", "joiner", "read_options")} | (
+        {"llm": llm} if config.annotator == "llm" else {}
+    )
+
+
+class AnnotateActor:
+    """One pool member: builds its annotator once, then annotates Arrow batches."""
+
+    def __init__(self, spec: dict[str, Any]):
+        self.batch = BatchAnnotator(AnnotatorSpec(**spec))
+
+    def __call__(self, table):
+        import pyarrow as pa
+
+        return pa.Table.from_pylist(self.batch(table.to_pylist()), schema=OUTPUT_SCHEMA())
+
+
+def OUTPUT_SCHEMA():  # noqa: N802 - a constant, built lazily so importing needs no pyarrow
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("order", pa.int64()),
+            ("record", pa.string()),
+            ("annotator", pa.string()),
+            ("raw_answers", pa.string()),
+            ("prompt_versions", pa.string()),
+            ("rejections", pa.string()),
+            ("n_spans", pa.int64()),
+            ("n_rejections", pa.int64()),
+            ("seconds", pa.float64()),
+        ]
+    )
+
+
+@dataclass
+class JobPaths:
+    root: Path
+
+    @property
+    def prepared(self) -> Path:
+        return self.root / "input"
+
+    @property
+    def rows(self) -> Path:
+        return self.root / "rows"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "job.json"
+
+    @property
+    def annotated(self) -> Path:
+        return self.root / "annotated.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+
+def _check_or_start(paths: JobPaths, state: dict[str, Any], restart: bool) -> None:
+    if paths.state.exists() and not restart:
+        previous = json.loads(paths.state.read_text(encoding="utf-8"))
+        if previous != state:
+            changed = sorted(k for k in set(previous) | set(state) if previous.get(k) != state.get(k))
+            raise ConfigError(
+                f"{paths.root} holds an annotation job with different {', '.join(changed)}; "
+                "use a new output_dir, or --set restart=true to discard its rows"
+            )
+    if restart:
+        for path in (paths.rows, paths.checkpoint):
+            shutil.rmtree(path, ignore_errors=True)
+        for path in (paths.annotated, paths.summary):
+            path.unlink(missing_ok=True)
+    paths.state.write_text(json.dumps(state, ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+def _count_rows(rows_dir: Path) -> int:
+    if not rows_dir.exists():
+        return 0
+    total = 0
+    for path in rows_dir.rglob("*"):
+        if path.suffix == ".json":
+            with open(path, "rb") as handle:
+                total += sum(1 for _ in handle)
+        elif path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            total += pq.ParquetFile(path).metadata.num_rows
+    return total
+
+
+def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
+    """Run (or resume) the job; returns the summary dict (also written to summary.json)."""
+    import ray
+    from ray.data.checkpoint import CheckpointConfig
+
+    if config.output_format not in ("jsonl", "parquet"):
+        raise ConfigError(f"output_format must be jsonl or parquet, got {config.output_format!r}")
+    paths = JobPaths(Path(config.output_dir).resolve())
+    paths.root.mkdir(parents=True, exist_ok=True)
+    spec = annotator_spec(config)
+    spec.build()  # fail fast here (unknown annotator, missing key) rather than in every actor
+
+    prepared = prepare_input(config.input, paths.prepared, config.format, dict(config.read_options), config.joiner)
+    state = {"input": prepared.fingerprint, "sentences": prepared.sentences, "settings": _settings_that_change_results(config)}
+    _check_or_start(paths, state, config.restart)
+    already = _count_rows(paths.rows)
+    logger.info("%d sentences in %d shards; %d rows already written", prepared.sentences, len(prepared.shards), already)
+
+    pool = config.pool
+    # actors + one read task + the checkpoint filter actor Ray Data adds on resume
+    init_ray(config.ray, min_cpus=pool.num_actors * pool.cpus_per_actor + pool.read_cpus + 1.0)
+    context = ray.data.DataContext.get_current()
+    context.checkpoint_config = CheckpointConfig(
+        id_column="id", checkpoint_path=str(paths.checkpoint), delete_checkpoint_on_success=False
+    )
+    started = time.perf_counter()
+    if already < prepared.sentences:
+        dataset = ray.data.read_json([str(p) for p in prepared.shards], num_cpus=pool.read_cpus)
+        dataset = dataset.repartition(pool.blocks or 4 * pool.num_actors)
+        dataset = dataset.map_batches(
+            AnnotateActor,
+            fn_constructor_kwargs={"spec": asdict(spec)},
+            batch_size=pool.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=pool.num_actors),
+            num_cpus=pool.cpus_per_actor,
+            num_gpus=pool.gpus_per_actor or None,
+            # Ray Data restarts a crashed actor and retries its batch by default
+            # (max_restarts=-1, max_task_retries=-1): no record is lost with it.
+        )
+        if config.output_format == "parquet":
+            dataset.write_parquet(str(paths.rows))
+        else:
+            dataset.write_json(str(paths.rows), force_ascii=False)
+    wall = time.perf_counter() - started
+    written_now = _count_rows(paths.rows) - already
+
+    summary, duplicates = collect_output(paths.rows, paths.annotated)
+    if summary.sentences != prepared.sentences:
+        raise RuntimeError(
+            f"{summary.sentences} of {prepared.sentences} sentences were written; rerun the same "
+            "command to finish the rest"
+        )
+    summary.wall_seconds = wall
+    summary.sentences_per_second = written_now / wall if written_now and wall > 0 else None
+    result = summary.to_dict() | {
+        "duplicates_dropped": duplicates,
+        "written_this_run": written_now,
+        "num_actors": pool.num_actors,
+        "annotator": config.annotator,
+        "annotated": str(paths.annotated),
+    }
+    paths.summary.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
+    print(summary.table())
+    print(f"annotated sentences: {paths.annotated}")
+    return result
+
+
+def load_job_config(path: str | None, overrides: list[str]) -> AnnotateJobConfig:
+    config = load_structured(AnnotateJobConfig, path, overrides)
+    unknown = set(config.steps) - {"ent", "seg", "pos"}
+    if unknown:
+        raise ConfigError(f"steps has unknown steps {sorted(unknown)}; known: ent, seg, pos")
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = config_arguments("Label extension annotation (pipeline 1) with Ray Data")
+    args = parser.parse_args(argv)
+    run_annotation(load_job_config(args.config, args.set))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))
