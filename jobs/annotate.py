@@ -76,6 +76,8 @@ class AnnotateJobConfig:
     output_dir: str = MISSING
     output_format: str = "jsonl"  # row files: jsonl or parquet
     annotator: str = "lac"  # lac | jieba | llm | package.module:Class
+    #: Constructor options of a non-LLM annotator (e.g. a user's own class).
+    annotator_options: Dict[str, Any] = field(default_factory=dict)
     steps: List[str] = field(default_factory=lambda: ["ent", "seg", "pos"])
     max_units: int = 512
     llm: LLMSettings = field(default_factory=LLMSettings)
@@ -85,7 +87,7 @@ class AnnotateJobConfig:
 
 
 def annotator_spec(config: AnnotateJobConfig) -> AnnotatorSpec:
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = dict(config.annotator_options)
     if config.annotator == "llm":
         llm = config.llm
         options = {
@@ -107,7 +109,7 @@ def _settings_that_change_results(config: AnnotateJobConfig) -> dict[str, Any]:
     for key in ("max_concurrency", "max_retries", "timeout_s", "api_key_env", "base_url"):
         llm["engine"].pop(key, None)
     llm.pop("cache", None)
-    return {k: settings[k] for k in ("annotator", "steps", "max_units", "joiner", "read_options")} | (
+    return {k: settings[k] for k in ("annotator", "annotator_options", "steps", "max_units", "joiner", "read_options")} | (
         {"llm": llm} if config.annotator == "llm" else {}
     )
 

@@ -18,3 +18,28 @@ def llm_stub() -> Iterator[StubLLMServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for every job test: starting one costs seconds and every
+    worker pays the torch/knowfree imports again. Tests' own helper modules (tests/) are
+    put on the workers' path."""
+    import os
+    from pathlib import Path
+
+    ray = pytest.importorskip("ray")
+    tests_dir = str(Path(__file__).resolve().parent)
+    env = {
+        "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]),
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Logical CPU slots, not cores: the jobs' pipelines need a few at once (see jobs.common).
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2,
+             runtime_env={"env_vars": env}, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -301,11 +301,17 @@ def _corpus() -> list[Sentence]:
 EXPECTED = {"ENT-组织机构": "ENT-组织机构", "ENT-机构": "ENT-组织机构", "ENT-地点": "ENT-地点", "ENT-地名": "ENT-地点"}
 
 
+def test_faiss_fallback_default_links_only_near_identical_centres():
+    # the default link distance is half the median radius: the two clusters' labels stay apart
+    _, label_map = merge_labels(_corpus(), FakeEmbedder(), epsilon=3.0, template="{entity}是{type}")
+    assert label_map.renamed() == {}
+
+
 @pytest.mark.parametrize("proposer", ["given", "faiss", "llm"])
 def test_merge_labels_end_to_end(proposer, llm_stub):
     llm_stub.answer = lambda request: json.dumps({"组织机构": ["组织机构", "机构"], "地点": ["地点", "地名"]}, ensure_ascii=False)
     options = {"given": {"groups": {"组织机构": ["机构"], "地点": ["地名"]}},
-               "faiss": {}, "llm": {"engine": _engine(llm_stub)}}[proposer]
+               "faiss": {"faiss_threshold": 0.2}, "llm": {"engine": _engine(llm_stub)}}[proposer]
     # 机构 is 0.158 from the 组织机构 centre, whose radius is 0.0707: epsilon 3 lets it in
     sentences, label_map = merge_labels(_corpus(), FakeEmbedder(), epsilon=3.0, template="{entity}是{type}", **options)
     assert label_map.mapping == EXPECTED
