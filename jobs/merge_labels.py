@@ -86,6 +86,8 @@ def embed_with_ray(samples: Dict[str, List[str]], config: MergeJobConfig) -> Dic
     if not rows:
         return {}
     pool = config.pool
+    # In-memory input, nothing to resume: clear a checkpoint config an earlier stage set.
+    ray.data.DataContext.get_current().checkpoint_config = None
     dataset = ray.data.from_items(rows).repartition(max(1, min(len(rows) // pool.batch_size, 4 * pool.num_actors)))
     dataset = dataset.map_batches(
         EmbedActor,

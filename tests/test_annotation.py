@@ -1,0 +1,92 @@
+"""Pipeline-1 batch pieces without Ray: input preparation, one batch, the summary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from knowfree_core.annotation import (
+    REASON_BATCH_FAILED,
+    REASON_TOO_LONG,
+    AnnotatorSpec,
+    BatchAnnotator,
+    collect_output,
+    prepare_input,
+)
+from knowfree_core.errors import ConfigError, DataFormatError
+from knowfree_core.formats import read_dataset
+
+
+def _rows(prepared):
+    return [json.loads(line) for shard in prepared.shards for line in shard.read_text(encoding="utf-8").splitlines()]
+
+
+def test_raw_text_folder_gives_stable_ids_in_order(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "b").mkdir(parents=True)
+    (corpus / "a.txt").write_text("第一句\n\n第二句\n", encoding="utf-8")
+    (corpus / "b" / "c.txt").write_text("第三句\n", encoding="utf-8")
+    (corpus / "notes.md").write_text("not a corpus file\n", encoding="utf-8")
+    prepared = prepare_input([corpus], tmp_path / "prepared", shard_size=2)
+    rows = _rows(prepared)
+    assert [r["id"] for r in rows] == ["a.txt:1", "a.txt:3", "b/c.txt:1"]
+    assert [r["order"] for r in rows] == [0, 1, 2] and len(prepared.shards) == 2
+    # the same input prepared again has the same fingerprint (resume relies on it)
+    assert prepare_input([corpus], tmp_path / "again").fingerprint == prepared.fingerprint
+
+
+def test_bad_input_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("好的\n".encode() + b"\xff\xfe broken\n")
+    with pytest.raises(DataFormatError, match=r"bad.txt:2: not UTF-8"):
+        prepare_input([bad], tmp_path / "p", format="text")
+    with pytest.raises(ConfigError, match="does not exist"):
+        prepare_input([tmp_path / "missing.conll"], tmp_path / "p")
+
+
+def test_two_files_with_the_same_ids_get_prefixed(tmp_path):
+    sample = "我 O\n在 O\n\n北 B-LOC\n京 I-LOC\n"
+    (tmp_path / "x.conll").write_text(sample, encoding="utf-8")
+    (tmp_path / "y.conll").write_text(sample, encoding="utf-8")
+    rows = _rows(prepare_input([tmp_path / "x.conll", tmp_path / "y.conll"], tmp_path / "p"))
+    assert len({r["id"] for r in rows}) == 4
+
+
+def test_batch_keeps_every_row_and_counts_rejections(tmp_path):
+    (tmp_path / "in.txt").write_text("我在北京读书\n" + "很" * 40 + "\n", encoding="utf-8")
+    prepared = prepare_input([tmp_path / "in.txt"], tmp_path / "p", format="text")
+    out = BatchAnnotator(AnnotatorSpec(name="jieba", steps=("seg",), max_units=20))(_rows(prepared))
+    assert [r["id"] for r in out] == ["in.txt:1", "in.txt:2"]
+    assert out[0]["n_spans"] > 0 and out[0]["n_rejections"] == 0
+    assert json.loads(out[1]["rejections"])[0]["reason"] == REASON_TOO_LONG
+
+    rows_dir = tmp_path / "rows"
+    rows_dir.mkdir()
+    (rows_dir / "part.json").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in out[::-1]))
+    summary, duplicates = collect_output(rows_dir, tmp_path / "annotated.jsonl")
+    assert duplicates == 0 and summary.sentences == 2
+    assert summary.rejections_by_reason == {REASON_TOO_LONG: 1}
+    # collected in input order, readable by the training code
+    assert [s.id for s in read_dataset(tmp_path / "annotated.jsonl")] == ["in.txt:1", "in.txt:2"]
+
+
+class _Exploding:
+    """An annotator that fails on one sentence and on any batch containing it."""
+
+    def annotate(self, sentences, steps):
+        from knowfree_core.annotators.base import AnnotationResult
+
+        if any("炸" in s.text for s in sentences):
+            raise RuntimeError("tool crashed")
+        return [AnnotationResult(s.id) for s in sentences]
+
+
+def test_one_bad_sentence_costs_only_itself(tmp_path):
+    (tmp_path / "in.txt").write_text("好的\n炸了\n没事\n", encoding="utf-8")
+    rows = _rows(prepare_input([tmp_path / "in.txt"], tmp_path / "p", format="text"))
+    batch = BatchAnnotator(AnnotatorSpec(name="jieba", steps=("seg",)))
+    batch._annotator = _Exploding()
+    out = batch(rows)
+    reasons = [[r["reason"] for r in json.loads(row["rejections"])] for row in out]
+    assert reasons == [[], [REASON_BATCH_FAILED], []]
