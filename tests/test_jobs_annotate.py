@@ -105,3 +105,35 @@ def test_killed_driver_resumes_without_redoing_written_rows(ray_cluster, tmp_pat
     # rows of a block caught between its two phases are deleted and written again
     assert summary["duplicates_dropped"] == 0
     assert 0 < summary["written_this_run"] < 150, "the rerun should skip the rows recorded before the kill"
+
+
+def test_llm_job_against_an_openai_compatible_server(ray_cluster, llm_stub, tmp_path):
+    """The LLM engine configured in the job's YAML keys reaches the server from the actors;
+    raw answers, prompt versions and rejections land in the output rows."""
+    def answer(request):
+        prompt = request.prompt_text
+        sentence = prompt.rsplit("输入：", 1)[-1].strip()
+        if "命名实体" in prompt:
+            return json.dumps([{"entity": sentence[:2], "type": "测试"}], ensure_ascii=False)
+        return "抱歉，我无法回答"  # P_seg: garbage, counted as a rejection
+
+    llm_stub.answer = answer
+    config = _config(
+        tmp_path, "annotator=llm", "steps=[ent,seg]", "llm.engine.kind=openai", "llm.engine.model=stub",
+        f"llm.engine.base_url={llm_stub.base_url}", "llm.engine.max_retries=0",
+    )
+    summary = run_annotation(config)
+    assert summary["sentences"] == 150
+    assert summary["spans_by_source"]["llm:ent"] >= 150
+    # every garbage segmentation answer is a counted rejection, not a crash
+    assert sum(n for reason, n in summary["rejections_by_reason"].items() if reason.startswith("seg:")) >= 150
+    rows_file = next((tmp_path / "job" / "rows").glob("*.json"))
+    row = json.loads(rows_file.read_text(encoding="utf-8").splitlines()[0])
+    assert json.loads(row["prompt_versions"]) == {"ent": "ent-zh-v1", "seg": "seg-zh-v1"}
+    assert "测试" in json.loads(row["raw_answers"])["ent"]
+    # every answer was cached: the same job elsewhere pays nothing
+    requests = len(llm_stub.requests)
+    config.output_dir = str(tmp_path / "job2")
+    config.llm.cache = str(tmp_path / "job" / "answers.sqlite")
+    run_annotation(config)
+    assert len(llm_stub.requests) == requests
