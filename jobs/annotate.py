@@ -216,7 +216,11 @@ def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
     paths = JobPaths(Path(config.output_dir).resolve())
     paths.root.mkdir(parents=True, exist_ok=True)
     spec = annotator_spec(config)
-    spec.build()  # fail fast here (unknown annotator, missing key) rather than in every actor
+    # Fail fast here (unknown annotator, missing or wrong key, unknown model) rather than
+    # in every actor or, worse, as one rejection per prompt.
+    annotator = spec.build()
+    if hasattr(annotator, "check_access"):
+        annotator.check_access()
 
     prepared = prepare_input(config.input, paths.prepared, config.format, dict(config.read_options), config.joiner)
     state = {"input": prepared.fingerprint, "sentences": prepared.sentences, "settings": _settings_that_change_results(config)}

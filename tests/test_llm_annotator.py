@@ -99,3 +99,14 @@ def test_source_name_is_configurable(llm_stub, tmp_path):
     llm_stub.answer = _answer
     (result,) = _annotator(llm_stub, tmp_path, source_prefix="qwen").annotate([_sentence(0, CLEAN)], steps=("ent",))
     assert {s.source for s in result.spans} == {"qwen:ent"}
+
+
+def test_wrong_key_fails_fast_with_a_clear_error(llm_stub, tmp_path, monkeypatch):
+    from knowfree_core.errors import ConfigError
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong-key-123")
+    llm_stub.answer = lambda request: StubReply(status=401, text="invalid api key")
+    annotator = _annotator(llm_stub, tmp_path)
+    with pytest.raises(ConfigError, match=r"OPENAI_API_KEY") as error:
+        annotator.check_access()
+    assert "sk-wrong-key-123" not in str(error.value)

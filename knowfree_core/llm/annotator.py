@@ -94,6 +94,15 @@ class LLMAnnotator(Annotator):
         if self._engine is not None:
             self._engine.close()
 
+    def check_access(self) -> None:
+        """Fail fast on a wrong key or model name (engines that talk to a server only:
+        building a local vllm/transformers engine here would load the model twice)."""
+        if self._engine_config is not None and self._engine_config.kind != "openai":
+            return
+        check = getattr(self.engine, "check_access", None)
+        if check is not None:
+            check()
+
     # -- one step over all sentences ----------------------------------------------------
 
     def _ask(self, step: str, prompts: list[ChatPrompt]) -> list[Completion]:

@@ -17,6 +17,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
+from knowfree_core.errors import ConfigError
 from knowfree_core.llm.engine import (
     ChatPrompt,
     Completion,
@@ -134,6 +135,28 @@ class OpenAIEngine(LLMEngine):
             return Completion(text=choice.message.content or "", finish_reason=choice.finish_reason)
         except Exception as exc:  # one prompt's failure must not cost the batch
             return Completion(error=self._describe(exc))
+
+    def check_access(self) -> None:
+        """One 1-token request; raises ConfigError for a wrong key, no permission or an
+        unknown model. A job calls this once before dispatching its prompts: those failures
+        would otherwise turn every prompt of a 50k-sentence job into a rejection."""
+        from openai import AuthenticationError, NotFoundError, PermissionDeniedError
+
+        try:
+            if self._plain:
+                self._client.completions.create(model=self.config.model, prompt="ping", max_tokens=1)
+            else:
+                self._client.chat.completions.create(
+                    model=self.config.model, messages=[{"role": "user", "content": "ping"}], max_tokens=1
+                )
+        except (AuthenticationError, PermissionDeniedError, NotFoundError) as exc:
+            raise ConfigError(
+                f"the openai engine cannot use model {self.config.model!r} at "
+                f"{self.config.base_url or 'the OpenAI API'} (key from ${self.config.api_key_env}): "
+                f"{self._describe(exc)}"
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - transient trouble is the retries' business
+            log.warning("openai engine: access check inconclusive: %s", self._describe(exc))
 
     def _describe(self, exc: BaseException) -> str:
         message = " ".join(str(exc).split())
