@@ -100,15 +100,11 @@ def _parse_key_values(pairs: Sequence[str]) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .run import run_training
+    from .run import print_run_summary, run_training
 
     config = load_config(args.config, args.overrides)
     summary = run_training(config, progress=not args.quiet)
-    print(f"run folder: {summary.run_dir}")
-    for split in ("dev", "test"):
-        if split in summary.metrics:
-            m = summary.metrics[split]
-            print(f"{split:5s} P {m['precision']:.4f}  R {m['recall']:.4f}  F1 {m['f1']:.4f}")
+    print_run_summary(summary)
     return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -94,8 +94,32 @@ class TrainConfig:
     eval_batch_size: int = 32
     num_threads: Optional[int] = None  # torch intra-op threads; None leaves torch's default
     device: str = "auto"  # auto | cpu | cuda
+    # fp32, or bf16 / fp16 mixed precision (autocast; fp16 with a gradient scaler) on a GPU.
+    # On a CPU training stays fp32 (a warning says so).
+    precision: str = "fp32"
     # After training, pick model.threshold from these by dev F1 (empty: keep model.threshold).
     threshold_candidates: List[float] = field(default_factory=lambda: [0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5])
+
+
+@dataclass
+class RayTrainConfig:
+    """How ``python -m jobs.train`` spreads the run over Ray Train workers (``knowfree train``
+    ignores this section, so one config file serves both). Plain settings: no Ray import here.
+    """
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    # Per worker, e.g. {CPU: 0.5} or {CPU: 4, GPU: 1}; empty: Ray's default (1 CPU, or 1 GPU).
+    resources_per_worker: Dict[str, float] = field(default_factory=dict)
+    # Where Ray keeps checkpoints: a folder or a bucket URI (s3://, gs://); shared or cloud
+    # storage on a multi-node cluster. None: <output_dir>/ray_train.
+    storage_path: Optional[str] = None
+    name: Optional[str] = None  # the Ray Train run name; None: the output_dir's folder name
+    max_failures: int = 0  # worker-group restarts from the last checkpoint (-1: no limit)
+    num_to_keep: int = 2  # checkpoints kept in storage (each holds the whole loop state)
+    # Testing only: worker rank 1 (rank 0 with one worker) exits once after this epoch, to
+    # show a restart resuming from the checkpoint. A marker file in output_dir makes it once.
+    fail_after_epoch: Optional[int] = None
 
 
 @dataclass
@@ -105,6 +129,7 @@ class KnowFreeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/knowfree"
+    ray_train: RayTrainConfig = field(default_factory=RayTrainConfig)
 
 
 def load_structured(schema: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
@@ -157,6 +182,10 @@ def validate_config(config: KnowFreeConfig) -> None:
         raise ConfigError(f"encoder.pooling must be first, max or mean, got {config.encoder.pooling!r}")
     if config.data.subset_size is not None and config.data.k_shot is not None:
         raise ConfigError("data.subset_size and data.k_shot are exclusive: choose one sampling mode")
+    if config.train.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {config.train.precision!r}")
+    if config.ray_train.num_workers < 1:
+        raise ConfigError(f"ray_train.num_workers must be at least 1, got {config.ray_train.num_workers}")
     unknown_steps = set(config.data.annotation_steps) - {"ent", "seg", "pos"}
     if unknown_steps:
         raise ConfigError(f"data.annotation_steps has unknown steps {sorted(unknown_steps)}; known: ent, seg, pos")

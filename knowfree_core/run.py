@@ -32,6 +32,7 @@ from .records import Sentence
 from .sampling import greedy_k_shot, many_shot_subsets
 from .training import (
     EpochCallback,
+    TrainResult,
     evaluate,
     fit,
     load_training_state,
@@ -93,24 +94,35 @@ def add_extension_labels(config: KnowFreeConfig, sentences: list[Sentence]) -> l
 # Settings that change where and how fast a run executes, not what it computes: a run may be
 # resumed with other values (e.g. more threads once the machine is free).
 RESUMABLE_CHANGES = frozenset({"train.num_threads", "train.device", "train.eval_batch_size"})
+UNCOMPARED_SECTIONS = frozenset({"ray_train"})
 
 
-def _refuse_resume_with_another_config(config: KnowFreeConfig, run_dir: Path) -> None:
-    """A checkpoint resumes only the run that wrote it: a changed config must not inherit it."""
-    if not (run_dir / "checkpoint" / "last.pt").is_file() or not (run_dir / "config.yaml").is_file():
+def _refuse_resume_with_another_config(
+    config: KnowFreeConfig, run_dir: Path, has_checkpoint: Optional[bool] = None
+) -> None:
+    """A checkpoint resumes only the run that wrote it: a changed config must not inherit it.
+
+    ``has_checkpoint``: whether a checkpoint of this run exists (None: ``checkpoint/last.pt``).
+    The ``ray_train`` section (where and on how many workers) is not compared.
+    """
+    where = "its checkpoints"
+    if has_checkpoint is None:
+        has_checkpoint = (run_dir / "checkpoint" / "last.pt").is_file()
+        where = str(run_dir / "checkpoint")
+    if not has_checkpoint or not (run_dir / "config.yaml").is_file():
         return
     previous = config_to_dict(load_config(run_dir / "config.yaml"))
     current = config_to_dict(config)
     changed = sorted(
         f"{section}.{key}"
-        for section, values in current.items() if isinstance(values, dict)
+        for section, values in current.items() if isinstance(values, dict) and section not in UNCOMPARED_SECTIONS
         for key, value in values.items()
         if previous.get(section, {}).get(key) != value and f"{section}.{key}" not in RESUMABLE_CHANGES
     )
     if changed:
         raise ConfigError(
             f"{run_dir} holds a checkpoint of a run with another configuration (changed: "
-            f"{', '.join(changed)}); choose a new output_dir or delete {run_dir / 'checkpoint'}"
+            f"{', '.join(changed)}); choose a new output_dir or delete {where}"
         )
 
 
@@ -126,7 +138,8 @@ def _keep_history_of_checkpoint(history_path: Path, checkpoint_path: Path) -> No
     history_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
-def _attach_file_log(run_dir: Path) -> logging.Handler:
+def attach_file_log(run_dir: Path) -> logging.Handler:
+    """Copy the library's log to ``run_dir/train.log``; remove the handler when done."""
     handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("knowfree_core").addHandler(handler)
@@ -138,7 +151,7 @@ def run_training(
 ) -> RunSummary:
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    handler = _attach_file_log(run_dir)
+    handler = attach_file_log(run_dir)
     try:
         return _run(config, run_dir, callback, progress)
     finally:
@@ -146,14 +159,26 @@ def run_training(
         handler.close()
 
 
-def _run(config: KnowFreeConfig, run_dir: Path, callback: EpochCallback | None, progress: bool) -> RunSummary:
-    started = time.perf_counter()
+@dataclass
+class PreparedData:
+    """A run's sentences (training subset with its extension labels) and label vocabulary."""
+
+    train: list[Sentence]
+    dev: list[Sentence]
+    test: list[Sentence]
+    vocab: LabelVocab
+
+
+def prepare_data(config: KnowFreeConfig, run_dir: Path, has_checkpoint: Optional[bool] = None) -> PreparedData:
+    """Read the splits, take the training subset, add extension labels, build the vocabulary;
+    writes config.yaml and train_data.jsonl to ``run_dir``. Resolves ``encoder.unit_mode``.
+    A run folder whose checkpoint came from another configuration is refused."""
     train = select_training_sentences(config, load_split(config, config.data.train))
     dev = load_split(config, config.data.dev)
     test = load_split(config, config.data.test)
     if config.encoder.unit_mode == "auto":
         config.encoder.unit_mode = "word" if train and train[0].joiner == " " else "char"
-    _refuse_resume_with_another_config(config, run_dir)
+    _refuse_resume_with_another_config(config, run_dir, has_checkpoint)
     save_config(config, run_dir / "config.yaml")
     if config.model.use_extension_labels:
         train = add_extension_labels(config, train)
@@ -168,20 +193,26 @@ def _run(config: KnowFreeConfig, run_dir: Path, callback: EpochCallback | None, 
         min_count=config.data.min_extension_count,
     )
     logger.info("labels: %d target, %d extension", vocab.num_targets, vocab.num_extensions)
+    return PreparedData(train=train, dev=dev, test=test, vocab=vocab)
+
+
+def build_model(config: KnowFreeConfig, vocab: LabelVocab) -> KnowFreeModel:
     seed_everything(config.train.seed)  # the head's initial weights come from this seed
-    model = KnowFreeModel.build(config.encoder, config.model, vocab)
+    return KnowFreeModel.build(config.encoder, config.model, vocab)
 
-    history_path = run_dir / "history.jsonl"
-    checkpoint_path = run_dir / "checkpoint" / "last.pt"
-    _keep_history_of_checkpoint(history_path, checkpoint_path)
 
-    def record(report, current_model):
-        with history_path.open("a", encoding="utf-8") as out:
-            out.write(json.dumps(report.to_dict(), ensure_ascii=False) + "\n")
-        return callback(report, current_model) if callback else None
-
-    result = fit(model, train, dev or None, config.train, callback=record, progress=progress,
-                 checkpoint_path=checkpoint_path)
+def export_model(
+    config: KnowFreeConfig,
+    model: KnowFreeModel,
+    result: TrainResult,
+    data: PreparedData,
+    out_dir: Path,
+    started: float,
+    progress: bool = True,
+) -> dict:
+    """After ``fit``: choose the decision threshold on dev, save the model to
+    ``out_dir/model`` and its dev/test scores to ``out_dir/metrics.json``; returns the metrics."""
+    dev, test = data.dev, data.test
     threshold_scores = None
     if dev and config.train.threshold_candidates:
         best, threshold_scores = tune_threshold(
@@ -189,12 +220,12 @@ def _run(config: KnowFreeConfig, run_dir: Path, callback: EpochCallback | None, 
         )
         logger.info("decision threshold %.2f chosen on dev (dev F1 by threshold: %s)", best,
                     ", ".join(f"{t:.2f}: {f:.4f}" for t, f in threshold_scores.items()))
-    model.save_pretrained(run_dir / "model")
+    model.save_pretrained(out_dir / "model")
 
     metrics: dict = {
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
-        "train_sentences": len(train),
+        "train_sentences": len(data.train),
         "seconds": round(time.perf_counter() - started, 1),
         "seconds_per_epoch": round(
             sum(r.seconds for r in result.history) / max(1, len(result.history)), 1
@@ -207,5 +238,34 @@ def _run(config: KnowFreeConfig, run_dir: Path, callback: EpochCallback | None, 
         if split:
             metrics[name] = evaluate(model, split, config.train.eval_batch_size, progress=progress).to_dict()
     metrics["config"] = config_to_dict(config)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
+    return metrics
+
+
+def _run(config: KnowFreeConfig, run_dir: Path, callback: EpochCallback | None, progress: bool) -> RunSummary:
+    started = time.perf_counter()
+    data = prepare_data(config, run_dir)
+    model = build_model(config, data.vocab)
+
+    history_path = run_dir / "history.jsonl"
+    checkpoint_path = run_dir / "checkpoint" / "last.pt"
+    _keep_history_of_checkpoint(history_path, checkpoint_path)
+
+    def record(report, current_model):
+        with history_path.open("a", encoding="utf-8") as out:
+            out.write(json.dumps(report.to_dict(), ensure_ascii=False) + "\n")
+        return callback(report, current_model) if callback else None
+
+    result = fit(model, data.train, data.dev or None, config.train, callback=record, progress=progress,
+                 checkpoint_path=checkpoint_path)
+    metrics = export_model(config, model, result, data, run_dir, started, progress)
     return RunSummary(run_dir=run_dir, metrics=metrics)
+
+
+def print_run_summary(summary: RunSummary) -> None:
+    """What ``knowfree train`` and ``jobs.train`` print at the end: the folder and the scores."""
+    print(f"run folder: {summary.run_dir}")
+    for split in ("dev", "test"):
+        if split in summary.metrics:
+            m = summary.metrics[split]
+            print(f"{split:5s} P {m['precision']:.4f}  R {m['recall']:.4f}  F1 {m['f1']:.4f}")

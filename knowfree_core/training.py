@@ -1,7 +1,8 @@
 """The training loop: plain PyTorch, reporting through a callback.
 
-It knows nothing about Ray: ``jobs/train.py`` runs the same loop inside Ray Train by passing
-a callback that calls ``ray.train.report``. The checkpoint that is kept is the one with the
+It knows nothing about Ray: ``jobs/train.py`` runs the same loop on every Ray Train worker,
+passing a ``DistributedContext`` (``knowfree_core.distributed``: DDP, batch shards, a report
+hook that receives the loop state for ``ray.train.report``). The checkpoint that is kept is the one with the
 best *dev* F1 (never test), as the paper's evaluation protocol requires.
 """
 
@@ -13,6 +14,7 @@ import os
 import random
 import resource
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -22,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
+from .distributed import DistributedContext, shard_batches
 from .metrics import SpanScores, score_spans
 from .model.knowfree import KnowFreeModel
 from .records import Sentence
@@ -187,6 +190,26 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def _restore(state: dict, model, optimizer, scheduler, scaler, rng: random.Random,
+             ctx: DistributedContext, seed: int) -> None:
+    model.load_state_dict(state["model"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    rng.setstate(_as_random_state(state["batch_rng"]))
+    by_rank = state.get("torch_rng_by_rank")
+    if by_rank is not None and len(by_rank) == ctx.world_size:
+        torch.set_rng_state(by_rank[ctx.rank])
+    elif ctx.rank == 0:
+        torch.set_rng_state(state["torch_rng"])
+    else:  # the world size changed: a fresh dropout stream per rank
+        torch.manual_seed(seed + ctx.rank + 1000 * int(state["epoch"]))
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def fit(
     model: KnowFreeModel,
     train: Sequence[Sentence],
@@ -195,6 +218,7 @@ def fit(
     callback: EpochCallback | None = None,
     progress: bool = True,
     checkpoint_path: str | Path | None = None,
+    distributed: DistributedContext | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; on return it holds the weights of the best dev epoch.
 
@@ -203,18 +227,38 @@ def fit(
     already exists, training resumes after its last finished epoch: an interrupted run started
     again with the same command continues instead of starting over, and ends with the same
     weights as an uninterrupted one.
+
+    ``distributed`` makes this call one worker of a data-parallel group (see
+    ``knowfree_core.distributed``): each rank trains on its shard of the batches, DDP averages
+    the gradients, rank 0 evaluates dev and writes ``checkpoint_path``, and
+    ``distributed.report`` receives the loop state (on rank 0) after every epoch. ``callback``
+    runs on every rank. ``train.precision`` bf16/fp16 trains under autocast on a GPU (fp16
+    with a gradient scaler); on a CPU it trains in fp32.
     """
     if not train:
         raise ValueError("the training set is empty")
+    ctx = distributed or DistributedContext()
+    ctx.check()
     seed_everything(config.seed)
+    if ctx.parallel:
+        # Same batch order on every rank (the Python RNG), different dropout (torch's).
+        torch.manual_seed(config.seed + ctx.rank)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    device = resolve_device(config.device)
+    device = torch.device(ctx.device) if ctx.device else resolve_device(config.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     model.to(device)
     rng = random.Random(config.seed)
 
+    amp_dtype = AMP_DTYPES.get(config.precision)
+    if amp_dtype is not None and device.type != "cuda":
+        logger.warning("train.precision=%s applies on a GPU only: training in fp32 on %s", config.precision, device)
+        amp_dtype = None
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
+
     optimizer = build_optimizer(model, config)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    steps_per_epoch = math.ceil(math.ceil(len(train) / config.batch_size) / ctx.world_size)
     total_steps = steps_per_epoch * config.epochs
     scheduler = linear_warmup_decay(optimizer, int(config.warmup_ratio * total_steps), total_steps)
 
@@ -224,38 +268,50 @@ def fit(
     best_state: dict[str, torch.Tensor] | None = None
     epochs_without_gain = 0
     first_epoch = 1
-    if checkpoint_path is not None and Path(checkpoint_path).is_file():
-        state = load_training_state(checkpoint_path)
-        model.load_state_dict(state["model"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        rng.setstate(_as_random_state(state["batch_rng"]))
-        torch.set_rng_state(state["torch_rng"])
+    state = ctx.resume_state
+    source = "the given state"
+    if state is None and checkpoint_path is not None and Path(checkpoint_path).is_file():
+        state, source = load_training_state(checkpoint_path), str(checkpoint_path)
+    if state is not None:
+        _restore(state, model, optimizer, scheduler, scaler, rng, ctx, config.seed)
         history = [EpochReport(**report) for report in state["history"]]
         best_f1, best_epoch, best_state = state["best_f1"], state["best_epoch"], state["best_state"]
         epochs_without_gain = state["epochs_without_gain"]
         first_epoch = state["epoch"] + 1
-        logger.info("resuming from %s after epoch %d", checkpoint_path, state["epoch"])
+        logger.info("resuming from %s after epoch %d", source, state["epoch"])
+
+    # Rank 0 decides; the others must know whether a dev evaluation is coming.
+    has_dev = ctx.broadcast(bool(dev))
+    saving = checkpoint_path is not None or ctx.report is not None
+    compute_loss = ctx.wrap(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
 
     for epoch in range(first_epoch, config.epochs + 1):
         model.train()
         started = time.perf_counter()
         total_loss, batches = 0.0, 0
         bar = tqdm(
-            list(length_bucketed_batches(train, config.batch_size, rng)),
+            shard_batches(list(length_bucketed_batches(train, config.batch_size, rng)), ctx.rank, ctx.world_size),
             desc=f"epoch {epoch}/{config.epochs}",
-            disable=not progress,
+            disable=not (progress and ctx.is_main),
             leave=False,
         )
         for batch in bar:
-            loss = model.loss(batch)
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
+                loss = compute_loss(batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], config.grad_clip
-                )
-            optimizer.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                if config.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                if config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+                optimizer.step()
             scheduler.step()
             total_loss += float(loss.detach())
             batches += 1
@@ -264,16 +320,16 @@ def fit(
 
         report = EpochReport(
             epoch=epoch,
-            train_loss=total_loss / max(1, batches),
+            train_loss=ctx.mean(total_loss / max(1, batches)),
             seconds=time.perf_counter() - started,
             peak_rss_mib=peak_rss_mib(),
         )
-        if dev:
-            scores = evaluate(model, dev, config.eval_batch_size, progress=progress)
-            report.dev = scores.to_dict()
-            report.dev_f1 = scores.f1
-            if best_f1 is None or scores.f1 > best_f1:
-                best_f1, best_epoch = scores.f1, epoch
+        if has_dev:
+            scores = evaluate(model, dev, config.eval_batch_size, progress=progress) if ctx.is_main else None
+            report.dev = ctx.broadcast(scores.to_dict() if scores is not None else None)
+            report.dev_f1 = report.dev["f1"]
+            if best_f1 is None or report.dev_f1 > best_f1:
+                best_f1, best_epoch = report.dev_f1, epoch
                 best_state = _trainable_state(model)
                 report.is_best = True
                 epochs_without_gain = 0
@@ -283,19 +339,22 @@ def fit(
             best_epoch, report.is_best = epoch, True
         report.best_dev_f1, report.best_epoch = best_f1, best_epoch
         history.append(report)
-        logger.info(
-            "epoch %d loss %.4f dev F1 %s best %s (epoch %d) %.1fs",
-            epoch,
-            report.train_loss,
-            "-" if report.dev_f1 is None else f"{report.dev_f1:.4f}",
-            "-" if best_f1 is None else f"{best_f1:.4f}",
-            best_epoch,
-            report.seconds,
-        )
-        if checkpoint_path is not None:
-            save_training_state(
-                checkpoint_path,
-                {
+        if ctx.is_main:
+            logger.info(
+                "epoch %d loss %.4f dev F1 %s best %s (epoch %d) %.1fs",
+                epoch,
+                report.train_loss,
+                "-" if report.dev_f1 is None else f"{report.dev_f1:.4f}",
+                "-" if best_f1 is None else f"{best_f1:.4f}",
+                best_epoch,
+                report.seconds,
+            )
+        loop_state = None
+        if saving:
+            # Every rank's dropout stream, so a resumed data-parallel run is the same run.
+            torch_rng_by_rank = ctx.gather(torch.get_rng_state()) if ctx.parallel else None
+            if ctx.is_main:
+                loop_state = {
                     "epoch": epoch,
                     "model": _trainable_state(model),
                     "optimizer": optimizer.state_dict(),
@@ -307,13 +366,21 @@ def fit(
                     "best_epoch": best_epoch,
                     "best_state": best_state,
                     "epochs_without_gain": epochs_without_gain,
-                },
-            )
-        stop = callback(report, model) if callback else None
-        if stop:
+                }
+                if scaler is not None:
+                    loop_state["scaler"] = scaler.state_dict()
+                if torch_rng_by_rank is not None:
+                    loop_state["torch_rng_by_rank"] = torch_rng_by_rank
+        if checkpoint_path is not None and loop_state is not None:
+            save_training_state(checkpoint_path, loop_state)
+        stop = ctx.report(report, model, loop_state) if ctx.report else None
+        if callback and callback(report, model):
+            stop = True
+        if ctx.any(bool(stop)):
             break
         if config.patience is not None and epochs_without_gain >= config.patience:
-            logger.info("no dev F1 gain for %d epochs: stopping", epochs_without_gain)
+            if ctx.is_main:
+                logger.info("no dev F1 gain for %d epochs: stopping", epochs_without_gain)
             break
 
     if best_state is not None:

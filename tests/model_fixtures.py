@@ -46,3 +46,18 @@ def corpus_characters() -> str:
 def make_random_encoder(directory: Path) -> Path:
     return build_random_encoder(directory, corpus_characters(), hidden=32, layers=2, heads=2,
                                 max_position_embeddings=64, seed=0)
+
+
+def build_tiny_model(encoder_dir: Path, train: list[Sentence]):
+    """A small KnowFREE model on the random encoder, seeded: the same weights every call."""
+    from knowfree_core.config import EncoderConfig, ModelConfig
+    from knowfree_core.labels import LabelVocab
+    from knowfree_core.model.knowfree import KnowFreeModel
+    from knowfree_core.training import seed_everything
+
+    seed_everything(5)
+    return KnowFreeModel.build(
+        EncoderConfig(name=str(encoder_dir), unit_mode="char"),
+        ModelConfig(ffn_size=40, grid_size=40, biaffine_heads=2, attn_heads=4, dropout=0.1),
+        LabelVocab.from_sentences(train),
+    )

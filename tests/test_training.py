@@ -12,7 +12,7 @@ from knowfree_core.labels import LabelVocab
 from knowfree_core.model.knowfree import KnowFreeModel
 from knowfree_core.training import fit, length_bucketed_batches, seed_everything
 
-from model_fixtures import make_random_encoder, tiny_corpus
+from model_fixtures import build_tiny_model, make_random_encoder, tiny_corpus
 
 
 class Crash(RuntimeError):
@@ -25,12 +25,7 @@ def encoder_dir(tmp_path_factory):
 
 
 def _model(encoder_dir, train):
-    seed_everything(5)
-    return KnowFreeModel.build(
-        EncoderConfig(name=str(encoder_dir), unit_mode="char"),
-        ModelConfig(ffn_size=40, grid_size=40, biaffine_heads=2, attn_heads=4, dropout=0.1),
-        LabelVocab.from_sentences(train),
-    )
+    return build_tiny_model(encoder_dir, train)
 
 
 def test_a_run_interrupted_mid_training_resumes_to_the_same_result(encoder_dir, tmp_path):
