@@ -45,8 +45,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from knowfree_core.config import KnowFreeConfig, load_config, validate_config  # noqa: E402
-from knowfree_core.encoders.e5_offline import SpecialTokens, build_unigram_tokenizer, wrap_tokenizer  # noqa: E402
-from knowfree_core.encoders.units import METASPACE  # noqa: E402
+from knowfree_core.encoders.unit_encoder import build_random_encoder  # noqa: E402
 from knowfree_core.formats import read_dataset  # noqa: E402
 from knowfree_core.labels import LabelVocab  # noqa: E402
 from knowfree_core.records import Sentence  # noqa: E402
@@ -70,50 +69,13 @@ def build_bert_shaped_encoder(
     max_positions: int,
     seed: int = 0,
 ) -> tuple[Path, int]:
-    """A random ``BertModel`` + unigram tokenizer over ``vocab_chars`` in ``directory``.
+    """A random ``BertModel`` of the given shape + unigram tokenizer over ``vocab_chars``
+    (the library's ``build_random_encoder``); returns the folder and the vocabulary size."""
+    from transformers import AutoTokenizer
 
-    The vocabulary is the one ``knowfree_core.encoders.unit_encoder.build_random_encoder`` builds
-    (specials, ``▁``, every character and ``▁`` + character, so character and word units both
-    work); unlike that test helper the intermediate size is a parameter (bert-base: 4 x hidden).
-    Returns the folder and the vocabulary size.
-    """
-    from transformers import BertConfig, BertModel
-
-    specials = SpecialTokens()
-    chars = sorted({c for c in vocab_chars if not c.isspace()})
-    vocab: list[tuple[str, float]] = [
-        (specials.bos, 0.0),
-        (specials.pad, 0.0),
-        (specials.eos, 0.0),
-        (specials.unk, 0.0),
-        (METASPACE, -4.0),
-    ]
-    vocab += [(c, -2.0) for c in chars]
-    vocab += [(METASPACE + c, -3.0) for c in chars]
-    vocab.append((specials.mask, 0.0))
-
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=intermediate,
-        max_position_embeddings=max_positions,
-        type_vocab_size=2,
-        pad_token_id=1,
-        architectures=["BertModel"],
-    )
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = BertModel(config, add_pooling_layer=False)
-    finally:
-        torch.random.set_rng_state(state)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    del model
-    wrap_tokenizer(build_unigram_tokenizer(vocab, specials), specials, max_positions).save_pretrained(directory)
-    return directory, len(vocab)
+    build_random_encoder(directory, vocab_chars, hidden=hidden, layers=layers, heads=heads,
+                         max_position_embeddings=max_positions, seed=seed, intermediate_size=intermediate)
+    return directory, len(AutoTokenizer.from_pretrained(str(directory)))
 
 
 # ---------------------------------------------------------------------------- one row

@@ -292,8 +292,11 @@ def build_random_encoder(
     heads: int = 2,
     max_position_embeddings: int = 64,
     seed: int = 0,
+    intermediate_size: int | None = None,
 ) -> Path:
-    """A tiny random ``BertModel`` + matching unigram tokenizer in ``directory``, for tests.
+    """A random ``BertModel`` + matching unigram tokenizer in ``directory``: tiny for tests,
+    or any shape (bert-base: hidden 768, 12 layers, 12 heads, intermediate 3072) for speed
+    benchmarks, where the weights do not matter.
 
     The vocabulary holds the specials, ``▁``, every character and ``▁`` + character, so both
     unit modes work: characters map to one piece, a word to ``▁c`` followed by bare characters.
@@ -320,7 +323,7 @@ def build_random_encoder(
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        intermediate_size=hidden * 2,
+        intermediate_size=intermediate_size or hidden * 2,
         max_position_embeddings=max_position_embeddings,
         type_vocab_size=2,
         pad_token_id=1,
@@ -333,6 +336,7 @@ def build_random_encoder(
     finally:
         torch.random.set_rng_state(generator_state)
     model.save_pretrained(out)
+    del model  # bert-base-sized models are ~0.5 GB: free before the caller builds its own
     tokenizer = wrap_tokenizer(
         build_unigram_tokenizer(vocab, specials), specials, max_position_embeddings
     )
