@@ -37,6 +37,8 @@ def ray_cluster():
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
     }
+    # vLLM's CPU settings (KV cache size, thread binding) reach the engines built in actors.
+    env.update({k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU_")})
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Logical CPU slots, not cores: the jobs' pipelines need a few at once (see jobs.common).
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2,

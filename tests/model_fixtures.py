@@ -61,3 +61,20 @@ def build_tiny_model(encoder_dir: Path, train: list[Sentence]):
         ModelConfig(ffn_size=40, grid_size=40, biaffine_heads=2, attn_heads=4, dropout=0.1),
         LabelVocab.from_sentences(train),
     )
+
+
+def tiny_run_config(root: Path, **train: object) -> dict:
+    """Files for a tiny run in ``root`` (train/dev/test JSONL, a random encoder) and the
+    ``knowfree train`` config dict that uses them; ``train`` overrides train.* keys."""
+    from knowfree_core.formats import write_dataset
+
+    write_dataset(tiny_corpus(20, seed=1), root / "train.jsonl")
+    write_dataset(tiny_corpus(8, seed=2, prefix="d", with_extensions=False), root / "dev.jsonl")
+    write_dataset(tiny_corpus(8, seed=3, prefix="t", with_extensions=False), root / "test.jsonl")
+    return {
+        "data": {"train": str(root / "train.jsonl"), "dev": str(root / "dev.jsonl"), "test": str(root / "test.jsonl")},
+        "encoder": {"name": str(make_random_encoder(root / "encoder")), "unit_mode": "char"},
+        "model": {"ffn_size": 40, "grid_size": 40, "biaffine_heads": 2, "attn_heads": 4},
+        "train": {"epochs": 3, "batch_size": 4, "seed": 3, "device": "cpu", "threshold_candidates": [0.3, 0.5],
+                  **train},
+    }

@@ -11,10 +11,9 @@ import pytest
 import torch
 import yaml
 
-from knowfree_core.formats import write_dataset
 from knowfree_core.model.knowfree import KnowFreeModel
 
-from model_fixtures import make_random_encoder, tiny_corpus
+from model_fixtures import tiny_run_config
 
 pytest.importorskip("ray")
 from jobs.train import FAIL_MARKER, main  # noqa: E402
@@ -24,15 +23,8 @@ from jobs.train import FAIL_MARKER, main  # noqa: E402
 def config_file(tmp_path_factory):
     """One config file for both ``knowfree train`` and ``jobs.train`` (with a ray_train section)."""
     root = tmp_path_factory.mktemp("jobs-train")
-    write_dataset(tiny_corpus(20, seed=1), root / "train.jsonl")
-    write_dataset(tiny_corpus(8, seed=2, prefix="d", with_extensions=False), root / "dev.jsonl")
-    write_dataset(tiny_corpus(8, seed=3, prefix="t", with_extensions=False), root / "test.jsonl")
     config = {
-        "data": {"train": str(root / "train.jsonl"), "dev": str(root / "dev.jsonl"), "test": str(root / "test.jsonl")},
-        "encoder": {"name": str(make_random_encoder(root / "encoder")), "unit_mode": "char"},
-        "model": {"ffn_size": 40, "grid_size": 40, "biaffine_heads": 2, "attn_heads": 4},
-        "train": {"epochs": 3, "batch_size": 4, "encoder_lr": 1e-3, "head_lr": 3e-3, "seed": 3, "device": "cpu",
-                  "threshold_candidates": [0.3, 0.5]},
+        **tiny_run_config(root, encoder_lr=1e-3, head_lr=3e-3),
         # the fixture's cluster has 4 logical CPUs: two workers of one each
         "ray_train": {"num_workers": 2, "resources_per_worker": {"CPU": 1}, "num_to_keep": 2},
     }

