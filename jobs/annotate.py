@@ -123,10 +123,11 @@ class AnnotateActor:
     def __call__(self, table):
         import pyarrow as pa
 
-        return pa.Table.from_pylist(self.batch(table.to_pylist()), schema=OUTPUT_SCHEMA())
+        return pa.Table.from_pylist(self.batch(table.to_pylist()), schema=output_schema())
 
 
-def OUTPUT_SCHEMA():  # noqa: N802 - a constant, built lazily so importing needs no pyarrow
+def output_schema():
+    """The row schema, built on call so that importing this module needs no pyarrow."""
     import pyarrow as pa
 
     return pa.schema(

@@ -39,7 +39,6 @@ def init_ray(config: RayConfig, min_cpus: float = 0.0) -> None:
     fewer, Ray Data waits forever for a slot that busy actors never free. On a remote
     cluster a shortfall is only logged.
     """
-
     import ray
 
     if not ray.is_initialized():

@@ -18,7 +18,6 @@ for one prompt rejects that step of that sentence only. Answers go through the a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -213,11 +212,3 @@ class LLMAnnotator(Annotator):
         for span in aligned.spans:
             result.spans.append(ExtensionSpan(span.start, span.end, pos_label(span.pos), source))
 
-
-def describe(annotator: LLMAnnotator) -> str:
-    """One line for logs: engine kind, model and prompt versions (never keys)."""
-    config = annotator._engine_config
-    kind = config.kind if config else annotator.engine.kind
-    model = config.model if config else annotator.engine.model_name
-    versions = {step: p.version for step, p in annotator.prompts.items()}
-    return f"llm annotator {annotator.name!r}: engine={kind} model={model} prompts={json.dumps(versions)}"

