@@ -256,9 +256,10 @@ def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
         else:
             dataset.write_json(str(paths.rows), force_ascii=False)
     wall = time.perf_counter() - started
-    written_now = _count_rows(paths.rows) - already
 
+    # collect_output reads every row file anyway: rows on disk = unique rows + duplicates
     summary, duplicates = collect_output(paths.rows, paths.annotated)
+    written_now = summary.sentences + duplicates - already
     if summary.sentences != prepared.sentences:
         raise RuntimeError(
             f"{summary.sentences} of {prepared.sentences} sentences were written; rerun the same "
