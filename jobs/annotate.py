@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +26,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-from jobs.common import RayConfig, config_arguments, init_ray, run_main
+from jobs.common import RayConfig, config_arguments, run_main
+from jobs.rowjob import OUTPUT_FORMATS, JobPaths, PoolConfig, check_or_start, count_rows, map_rows_with_actors
 from knowfree_core.annotation import AnnotatorSpec, BatchAnnotator, collect_output, prepare_input
 from knowfree_core.config import load_structured, structured_to_dict
 from knowfree_core.errors import ConfigError
@@ -49,22 +49,6 @@ class LLMSettings:
     cache: Optional[str] = None
     source_prefix: str = "llm"
     entity_mode: str = "all"
-
-
-@dataclass
-class PoolConfig:
-    """The actor pool. One actor holds one annotator (one LLM engine, one LAC model)."""
-
-    num_actors: int = 2
-    batch_size: int = 64
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    #: CPUs reserved by each read task. Kept small: on a small machine a read task that
-    #: waits for a whole CPU next to busy actors (and Ray Data's checkpoint filter actor)
-    #: stalls the pipeline forever.
-    read_cpus: float = 0.25
-    #: Blocks the input is split into (default 4 per actor) so every actor gets work.
-    blocks: Optional[int] = None
 
 
 @dataclass
@@ -146,73 +130,12 @@ def output_schema():
     )
 
 
-@dataclass
-class JobPaths:
-    root: Path
-
-    @property
-    def prepared(self) -> Path:
-        return self.root / "input"
-
-    @property
-    def rows(self) -> Path:
-        return self.root / "rows"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.root / "checkpoint"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "job.json"
-
-    @property
-    def annotated(self) -> Path:
-        return self.root / "annotated.jsonl"
-
-    @property
-    def summary(self) -> Path:
-        return self.root / "summary.json"
-
-
-def _check_or_start(paths: JobPaths, state: dict[str, Any], restart: bool) -> None:
-    if paths.state.exists() and not restart:
-        previous = json.loads(paths.state.read_text(encoding="utf-8"))
-        if previous != state:
-            changed = sorted(k for k in set(previous) | set(state) if previous.get(k) != state.get(k))
-            raise ConfigError(
-                f"{paths.root} holds an annotation job with different {', '.join(changed)}; "
-                "use a new output_dir, or --set restart=true to discard its rows"
-            )
-    if restart:
-        for path in (paths.rows, paths.checkpoint):
-            shutil.rmtree(path, ignore_errors=True)
-        for path in (paths.annotated, paths.summary):
-            path.unlink(missing_ok=True)
-    paths.state.write_text(json.dumps(state, ensure_ascii=False, indent=1), encoding="utf-8")
-
-
-def _count_rows(rows_dir: Path) -> int:
-    if not rows_dir.exists():
-        return 0
-    total = 0
-    for path in rows_dir.rglob("*"):
-        if path.suffix == ".json":
-            with open(path, "rb") as handle:
-                total += sum(1 for _ in handle)
-        elif path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            total += pq.ParquetFile(path).metadata.num_rows
-    return total
-
-
 def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
     """Run (or resume) the job; returns the summary dict (also written to summary.json)."""
     import ray
     from ray.data.checkpoint import CheckpointConfig
 
-    if config.output_format not in ("jsonl", "parquet"):
+    if config.output_format not in OUTPUT_FORMATS:
         raise ConfigError(f"output_format must be jsonl or parquet, got {config.output_format!r}")
     paths = JobPaths(Path(config.output_dir).resolve())
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -225,40 +148,18 @@ def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
 
     prepared = prepare_input(config.input, paths.prepared, config.format, dict(config.read_options), config.joiner)
     state = {"input": prepared.fingerprint, "sentences": prepared.sentences, "settings": _settings_that_change_results(config)}
-    _check_or_start(paths, state, config.restart)
-    already = _count_rows(paths.rows)
+    check_or_start(paths, state, config.restart)
+    already = count_rows(paths.rows)
     logger.info("%d sentences in %d shards; %d rows already written", prepared.sentences, len(prepared.shards), already)
 
-    pool = config.pool
-    # actors + one read task + the checkpoint filter actor Ray Data adds on resume
-    init_ray(config.ray, min_cpus=pool.num_actors * pool.cpus_per_actor + pool.read_cpus + 1.0)
-    context = ray.data.DataContext.get_current()
-    context.checkpoint_config = CheckpointConfig(
-        id_column="id", checkpoint_path=str(paths.checkpoint), delete_checkpoint_on_success=False
-    )
     started = time.perf_counter()
     if already < prepared.sentences:
-        dataset = ray.data.read_json([str(p) for p in prepared.shards], num_cpus=pool.read_cpus)
-        dataset = dataset.repartition(pool.blocks or 4 * pool.num_actors)
-        dataset = dataset.map_batches(
-            AnnotateActor,
-            fn_constructor_kwargs={"spec": asdict(spec)},
-            batch_size=pool.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=pool.num_actors),
-            num_cpus=pool.cpus_per_actor,
-            num_gpus=pool.gpus_per_actor or None,
-            # Ray Data restarts a crashed actor and retries its batch by default
-            # (max_restarts=-1, max_task_retries=-1): no record is lost with it.
-        )
-        if config.output_format == "parquet":
-            dataset.write_parquet(str(paths.rows))
-        else:
-            dataset.write_json(str(paths.rows), force_ascii=False)
+        map_rows_with_actors(prepared.shards, paths, AnnotateActor, {"spec": asdict(spec)}, config.pool,
+                             config.ray, config.output_format)
     wall = time.perf_counter() - started
 
     # collect_output reads every row file anyway: rows on disk = unique rows + duplicates
-    summary, duplicates = collect_output(paths.rows, paths.annotated)
+    summary, duplicates = collect_output(paths.rows, paths.result)
     written_now = summary.sentences + duplicates - already
     if summary.sentences != prepared.sentences:
         raise RuntimeError(
@@ -270,13 +171,13 @@ def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
     result = summary.to_dict() | {
         "duplicates_dropped": duplicates,
         "written_this_run": written_now,
-        "num_actors": pool.num_actors,
+        "num_actors": config.pool.num_actors,
         "annotator": config.annotator,
-        "annotated": str(paths.annotated),
+        "annotated": str(paths.result),
     }
     paths.summary.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
     print(summary.table())
-    print(f"annotated sentences: {paths.annotated}")
+    print(f"annotated sentences: {paths.result}")
     return result
 
 

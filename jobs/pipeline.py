@@ -1,14 +1,39 @@
-"""The KnowFREE pipeline on one config, as a Ray job.
+"""The KnowFREE pipeline on one config, as a Ray job: the command users run first.
 
+    python -m jobs.pipeline --config configs/demo-pipeline.yaml            # or: knowfree pipeline ...
     python -m jobs.pipeline --config configs/pipeline-weibo-250.yaml --variant F
 
-Variant ``F`` (paper: KnowFREE-F, pipeline 1): the training sentences (the configured
-subset of ``data.train``) → ``jobs.annotate`` (extension labels) → ``jobs.merge_labels``
-(synonym labels merged) → training on the fused samples (a Ray task with the configured
-resources) → dev/test evaluation. Variants ``noext`` and ``biaffine`` train the ablations of
-the same subset without annotation. Each stage writes its own folder under ``output_dir``
-and is skipped when its output is already there, so a rerun after a crash continues with
-the stage that was interrupted (annotation and training resume inside the stage too).
+Variants of one training subset (one *cell*):
+
+``F`` (paper: KnowFREE-F, pipeline 1)
+    the training sentences → ``jobs.annotate`` (extension labels) → ``jobs.merge_labels``
+    (synonym labels merged) → training on the fused samples → dev/test evaluation.
+``FS`` (KnowFREE-FS, pipelines 1 and 2)
+    F, then ``jobs.synthesize``: an LLM continues and explains each training sentence, the
+    frozen F model labels the target entities of the synthetic sentences, ``jobs.annotate``
+    adds their extension labels (renamed by F's label map), and KnowFREE is trained again on
+    the fused plus the synthetic samples, the latter weighted by ``model.beta``.
+``noext``, ``biaffine``
+    the ablations: no extension labels; and no local attention either.
+
+Each stage writes its own folder in the cell's folder and is skipped when its output is
+there, so a rerun after a crash continues with the stage that was interrupted (annotation,
+synthesis and training also resume inside the stage):
+
+    cell/
+      train_subset.jsonl   the sampled training sentences
+      annotate/ merge/     pipeline 1 on them (label_map.json, merged.jsonl)
+      train/               the F model (run folder of knowfree train)
+      synthesize/          synthetic.jsonl, labeled/labeled.jsonl, answers.sqlite
+      synthetic_annotate/  extension labels of the synthetic sentences
+      train_fs_data.jsonl  fused + synthetic samples (synthetic ones flagged)
+      train_fs/ train_noext/ train_biaffine/
+      cell.json            every stage's summary and the scores
+
+Grid mode (``grid.k_shot`` or ``grid.subset_sizes`` with ``grid.seeds``) runs one cell per
+(size, seed) under ``output_dir/<k5|n250>-seed<seed>/`` and writes ``summary.md`` and
+``summary.json``: mean and standard deviation of test F1 over the seeds per variant, as in
+the paper's Table 2.
 """
 
 from __future__ import annotations
@@ -16,7 +41,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import dataclass, field, replace
+import statistics
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -25,20 +51,59 @@ from omegaconf import MISSING, OmegaConf
 from jobs.annotate import AnnotateJobConfig, run_annotation
 from jobs.common import RayConfig, init_ray, run_main
 from jobs.merge_labels import MergeJobConfig, run_merge
+from jobs.rowjob import PoolConfig
+from jobs.synthesize import LabelStage, SynthesizeJobConfig, run_synthesis
 from knowfree_core.config import KnowFreeConfig, load_config, load_structured
 from knowfree_core.errors import ConfigError
-from knowfree_core.formats import write_dataset
+from knowfree_core.formats import read_dataset, write_dataset
+from knowfree_core.llm.engine import EngineConfig, GenerationParams
+from knowfree_core.merging import LabelMap, apply_label_map
 from knowfree_core.run import load_split, run_training, select_training_sentences
+from knowfree_core.synthesis import SynthesisSettings
 
 logger = logging.getLogger("jobs.pipeline")
 
-VARIANTS = ("F", "noext", "biaffine")
+VARIANTS = ("F", "FS", "noext", "biaffine")
+#: Each variant's training folder in a cell.
+TRAIN_DIRS = {"F": "train", "FS": "train_fs", "noext": "train_noext", "biaffine": "train_biaffine"}
 
 
 @dataclass
 class TrainResources:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+
+
+def _sampling_defaults() -> GenerationParams:
+    return GenerationParams(max_tokens=256, temperature=0.8, top_p=0.95, seed=0)
+
+
+@dataclass
+class SynthesisStage:
+    """Pipeline 2 settings (variant FS); see jobs.synthesize."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    generation: GenerationParams = field(default_factory=_sampling_defaults)
+    synthesis: SynthesisSettings = field(default_factory=SynthesisSettings)
+    #: Only the first this many training sentences get continuations (None: all of them).
+    max_sources: Optional[int] = None
+    #: Answer cache; default ``<cell>/synthesize/answers.sqlite``. One shared path lets cells
+    #: with the same sentences (several seeds) reuse answers.
+    cache: Optional[str] = None
+    pool: PoolConfig = field(default_factory=lambda: PoolConfig(num_actors=1, batch_size=16))
+    label: LabelStage = field(default_factory=LabelStage)
+
+
+@dataclass
+class GridConfig:
+    """Several training subsets: one cell per (k or size, seed). Empty: one cell, the train
+    config's own subset."""
+
+    k_shot: List[int] = field(default_factory=list)
+    subset_sizes: List[int] = field(default_factory=list)
+    seeds: List[int] = field(default_factory=list)
+    #: Variants per cell (default: the pipeline's ``variant``); F and FS share F's stages.
+    variants: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -54,6 +119,8 @@ class PipelineConfig:
     merge: Dict[str, Any] = field(default_factory=dict)
     #: Skip merging (e.g. offline annotators whose labels are already standard).
     merge_labels: bool = True
+    synthesis: SynthesisStage = field(default_factory=SynthesisStage)
+    grid: GridConfig = field(default_factory=GridConfig)
     train_resources: TrainResources = field(default_factory=TrainResources)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -68,67 +135,225 @@ def _train_remote(config: KnowFreeConfig) -> dict:
     return run_training(config, progress=False).metrics
 
 
-def run_pipeline(config: PipelineConfig) -> dict:
-    import ray
+def _scores(metrics: dict) -> dict:
+    return {"dev": metrics.get("dev"), "test": metrics.get("test"), "best_epoch": metrics.get("best_epoch"),
+            "train_sentences": metrics.get("train_sentences")}
 
-    if config.variant not in VARIANTS:
-        raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, got {config.variant!r}")
+
+class Cell:
+    """One training subset and the stages of its variants, in ``root``."""
+
+    def __init__(self, config: PipelineConfig, train_config: KnowFreeConfig, root: Path):
+        self.config = config
+        self.train_config = train_config
+        self.root = root
+        self.stages: dict[str, Any] = {}
+
+    # -- stages ----------------------------------------------------------------------------
+
+    def subset(self) -> Path:
+        path = self.root / "train_subset.jsonl"
+        if not path.exists():
+            pool = load_split(self.train_config, self.train_config.data.train)
+            write_dataset(select_training_sentences(self.train_config, pool), path)
+        return path
+
+    def annotate(self, source: Path, out: Path) -> Path:
+        settings = dict(self.config.annotate)
+        settings.setdefault("annotator", (self.train_config.data.annotators or ["lac"])[0])
+        settings.setdefault("steps", list(self.train_config.data.annotation_steps))
+        annotate_config = _stage_config(AnnotateJobConfig, settings, input=[str(source)], output_dir=str(out))
+        annotate_config.ray = self.config.ray
+        self.stages[out.name] = run_annotation(annotate_config)
+        return out / "annotated.jsonl"
+
+    def fused(self) -> Path:
+        """Pipeline 1: the training subset with merged extension labels."""
+        annotated = self.annotate(self.subset(), self.root / "annotate")
+        if not self.config.merge_labels:
+            return annotated
+        out = self.root / "merge"
+        if (out / "summary.json").exists():
+            self.stages["merge"] = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+        else:
+            merge_config = _stage_config(MergeJobConfig, dict(self.config.merge), input=str(annotated), output_dir=str(out))
+            merge_config.ray = self.config.ray
+            self.stages["merge"] = run_merge(merge_config)
+        return out / "merged.jsonl"
+
+    def train(self, variant: str, training_file: Path) -> dict:
+        run_dir = self.root / TRAIN_DIRS[variant]
+        metrics_path = run_dir / "metrics.json"
+        if metrics_path.exists():  # finished: do not even load the data again
+            return json.loads(metrics_path.read_text(encoding="utf-8"))
+        base = self.train_config
+        # The training file already holds the subset and its extension labels: no sampling,
+        # no annotators here.
+        data = replace(base.data, train=str(training_file), subset_size=None, k_shot=None, annotators=[])
+        model = base.model
+        if variant in ("noext", "biaffine"):
+            model = replace(model, use_extension_labels=False, use_local_attention=variant != "biaffine")
+        final = replace(base, data=data, model=model, output_dir=str(run_dir))
+        import ray
+
+        resources = self.config.train_resources
+        task = ray.remote(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus or None)(_train_remote)
+        return ray.get(task.remote(final))
+
+    def synthetic(self, fused: Path, f_model: Path) -> Path:
+        """Pipeline 2: synthetic sentences labelled by the F model, with extension labels
+        renamed by F's label map; returns the fused + synthetic training file."""
+        stage = self.config.synthesis
+        sources = self.subset()
+        if stage.max_sources is not None:
+            chosen = read_dataset(sources, format="jsonl")[: stage.max_sources]
+            sources = self.root / "synthesis_sources.jsonl"
+            write_dataset(chosen, sources)
+        synth_config = SynthesizeJobConfig(
+            input=[str(sources)], format="jsonl", output_dir=str(self.root / "synthesize"),
+            engine=stage.engine, generation=stage.generation, synthesis=stage.synthesis, cache=stage.cache,
+            label_with=str(f_model), label=stage.label, pool=stage.pool, ray=self.config.ray,
+        )
+        summary_path = self.root / "synthesize" / "summary.json"
+        if summary_path.exists() and "labelling" in json.loads(summary_path.read_text(encoding="utf-8")):
+            self.stages["synthesize"] = json.loads(summary_path.read_text(encoding="utf-8"))
+        else:
+            self.stages["synthesize"] = run_synthesis(synth_config)
+        labeled = Path(self.stages["synthesize"]["labelling"]["labeled"])
+        synthetic: list = []
+        if labeled.stat().st_size:
+            annotated = self.annotate(labeled, self.root / "synthetic_annotate")
+            synthetic = read_dataset(annotated, format="jsonl")
+            label_map_path = self.root / "merge" / "label_map.json"
+            if self.config.merge_labels and label_map_path.exists():
+                synthetic = apply_label_map(synthetic, LabelMap.load(label_map_path))
+        synthetic = [replace(s, synthetic=True) for s in synthetic]
+        out = self.root / "train_fs_data.jsonl"
+        write_dataset(read_dataset(fused, format="jsonl") + synthetic, out)
+        self.stages["synthetic_sentences"] = len(synthetic)
+        return out
+
+    # -- the cell --------------------------------------------------------------------------
+
+    def run(self, variants: List[str]) -> dict[str, dict]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        scores: dict[str, dict] = {}
+        if "F" in variants or "FS" in variants:
+            fused = self.fused()
+            # F is trained for FS too (its model labels the synthetic sentences): report it.
+            scores["F"] = _scores(self.train("F", fused))
+            if "FS" in variants:
+                training_file = self.synthetic(fused, self.root / TRAIN_DIRS["F"] / "model")
+                scores["FS"] = _scores(self.train("FS", training_file))
+        for variant in ("noext", "biaffine"):
+            if variant in variants:
+                scores[variant] = _scores(self.train(variant, self.subset()))
+        record = {"output_dir": str(self.root), "variants": scores, "stages": self.stages,
+                  "beta": self.train_config.model.beta}
+        (self.root / "cell.json").write_text(json.dumps(record, ensure_ascii=False, indent=1, default=str),
+                                             encoding="utf-8")
+        return scores
+
+
+def _check_variants(variants: List[str]) -> None:
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, got {', '.join(map(repr, unknown))}")
+
+
+def _cells(config: PipelineConfig) -> list[tuple[str, list[str]]]:
+    """(cell name, train-config overrides) per grid cell; one unnamed cell without a grid."""
+    grid = config.grid
+    if grid.k_shot and grid.subset_sizes:
+        raise ConfigError("grid: give k_shot or subset_sizes, not both")
+    settings = [(f"k{k}", [f"data.k_shot={k}", "data.subset_size=null"]) for k in grid.k_shot] + [
+        (f"n{n}", [f"data.subset_size={n}", "data.k_shot=null"]) for n in grid.subset_sizes
+    ]
+    if not settings:
+        if grid.seeds:
+            raise ConfigError("grid.seeds needs grid.k_shot or grid.subset_sizes")
+        return [("", [])]
+    seeds = grid.seeds or [42]
+    return [
+        (f"{name}-seed{seed}", overrides + [f"data.subset_seed={seed}", f"train.seed={seed}"])
+        for name, overrides in settings for seed in seeds
+    ]
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = 100 * statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def summary_table(results: dict[str, dict[str, dict]], variants: List[str]) -> str:
+    """Markdown: one row per setting (k5, n250, or the single cell), test F1 mean ± std over
+    the seeds per variant, and the number of seeds."""
+    by_setting: dict[str, dict[str, list[float]]] = {}
+    seeds: dict[str, int] = {}
+    for cell, scores in results.items():
+        setting = cell.rsplit("-seed", 1)[0] or "run"
+        seeds[setting] = seeds.get(setting, 0) + 1
+        for variant, score in scores.items():
+            if score.get("test"):
+                by_setting.setdefault(setting, {}).setdefault(variant, []).append(score["test"]["f1"])
+    header = "| setting | seeds | " + " | ".join(f"{v} test F1" for v in variants) + " |"
+    lines = [header, "|---|---:|" + "---:|" * len(variants)]
+    for setting, values in by_setting.items():
+        lines.append(f"| {setting} | {seeds[setting]} | " + " | ".join(_mean_std(values.get(v, [])) for v in variants) + " |")
+    return "\n".join(lines)
+
+
+def cell_table(scores: dict[str, dict]) -> str:
+    lines = ["| variant | train sentences | best epoch | dev F1 | test P | test R | test F1 |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for variant, score in scores.items():
+        dev, test = score.get("dev") or {}, score.get("test") or {}
+        lines.append(
+            f"| {variant} | {score.get('train_sentences')} | {score.get('best_epoch')} | "
+            + " | ".join(f"{100 * m[k]:.2f}" if k in m else "–" for m, k in
+                         ((dev, "f1"), (test, "precision"), (test, "recall"), (test, "f1")))
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def run_pipeline(config: PipelineConfig) -> dict:
+    variants = list(config.grid.variants) or [config.variant]
+    _check_variants(variants)
     out = Path(config.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    train_config = load_config(config.train_config, list(config.train_overrides))
+    cells = _cells(config)
     init_ray(config.ray, min_cpus=config.train_resources.num_cpus)
+    results: dict[str, dict] = {}
+    for name, overrides in cells:
+        train_config = load_config(config.train_config, list(config.train_overrides) + overrides)
+        scores = Cell(config, train_config, out / name if name else out).run(variants)
+        results[name] = scores
+        logger.info("cell %s done: %s", name or out.name,
+                    ", ".join(f"{v} test F1 {s['test']['f1']:.4f}" for v, s in scores.items() if s.get("test")))
 
-    # The sentences this run trains on: annotate only those (an LLM call costs money).
-    subset_path = out / "train_subset.jsonl"
-    if not subset_path.exists():
-        pool = load_split(train_config, train_config.data.train)
-        write_dataset(select_training_sentences(train_config, pool), subset_path)
-    training_file = subset_path
-    stages: dict[str, Any] = {}
-
-    if config.variant == "F":
-        annotate_settings = dict(config.annotate)
-        annotate_settings.setdefault("annotator", (train_config.data.annotators or ["lac"])[0])
-        annotate_settings.setdefault("steps", list(train_config.data.annotation_steps))
-        annotate_config = _stage_config(
-            AnnotateJobConfig, annotate_settings, input=[str(subset_path)], output_dir=str(out / "annotate")
-        )
-        annotate_config.ray = config.ray
-        stages["annotate"] = run_annotation(annotate_config)
-        training_file = out / "annotate" / "annotated.jsonl"
-        if config.merge_labels:
-            merge_config = _stage_config(
-                MergeJobConfig, dict(config.merge), input=str(training_file), output_dir=str(out / "merge")
-            )
-            merge_config.ray = config.ray
-            if (out / "merge" / "summary.json").exists():
-                stages["merge"] = json.loads((out / "merge" / "summary.json").read_text(encoding="utf-8"))
-            else:
-                stages["merge"] = run_merge(merge_config)
-            training_file = out / "merge" / "merged.jsonl"
-
-    # The fused samples already carry their extension labels: no subset, no annotators here.
-    data = replace(train_config.data, train=str(training_file), subset_size=None, k_shot=None, annotators=[])
-    model = train_config.model
-    if config.variant != "F":
-        model = replace(model, use_extension_labels=False, use_local_attention=config.variant != "biaffine")
-    final = replace(train_config, data=data, model=model, output_dir=str(out / "train"))
-
-    resources = config.train_resources
-    metrics = ray.get(
-        ray.remote(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus or None)(_train_remote).remote(final)
-    )
-    stages["train"] = {"dev": metrics["dev"], "test": metrics["test"], "best_epoch": metrics.get("best_epoch")}
-    summary = {"variant": config.variant, "output_dir": str(out), **stages}
-    (out / "pipeline.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1, default=str), encoding="utf-8")
-    dev, test = metrics["dev"], metrics["test"]
-    print(f"variant {config.variant}: dev F1 {dev['f1']:.4f}  test P {test['precision']:.4f} "
-          f"R {test['recall']:.4f} F1 {test['f1']:.4f}  ({out / 'train'})")
+    columns = [v for v in VARIANTS if any(v in scores for scores in results.values())]
+    if len(cells) == 1 and not cells[0][0]:
+        table = cell_table(results[""])
+    else:
+        table = summary_table(results, columns)
+    engine = config.synthesis.engine
+    note = f"\nsynthesis engine: {engine.kind} {engine.model}" if "FS" in variants else ""
+    summary = {"variants": variants, "output_dir": str(out), "cells": results,
+               "synthesis_engine": asdict(engine) if "FS" in variants else None}
+    (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1, default=str), encoding="utf-8")
+    (out / "summary.md").write_text(table + "\n" + note.lstrip("\n") + "\n", encoding="utf-8")
+    print(table + note)
+    print(f"run folder: {out}")
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="annotate → merge_labels → train → evaluate")
+    parser = argparse.ArgumentParser(description="annotate → merge → train (F); + synthesize → retrain (FS)")
     parser.add_argument("--config", required=True, help="pipeline YAML config")
     parser.add_argument("--variant", choices=VARIANTS, help="overrides the config's variant")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -73,6 +73,18 @@ def _add_annotate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_annotate)
 
 
+def _add_pipeline(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pipeline",
+        help="the main job on Ray: annotate → merge → train (F), + synthesize → retrain (FS); see jobs.pipeline",
+    )
+    p.add_argument("--config", "-c", required=True, help="pipeline YAML config (e.g. configs/demo-pipeline.yaml)")
+    p.add_argument("--variant", choices=("F", "FS", "noext", "biaffine"), help="overrides the config's variant")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a pipeline config key, e.g. --set grid.seeds=[1,2,3] (repeatable)")
+    p.set_defaults(handler=cmd_pipeline)
+
+
 def _add_encoder(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("encoder", help="convert the bundled offline e5 encoder once and print its path")
     p.add_argument("--cache-dir", help="where to keep it (default $KNOWFREE_CACHE or ~/.cache/knowfree)")
@@ -83,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="knowfree", description=__doc__.splitlines()[0])
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_evaluate, _add_predict, _add_sample, _add_annotate, _add_encoder):
+    for add in (_add_train, _add_evaluate, _add_predict, _add_sample, _add_annotate, _add_pipeline, _add_encoder):
         add(sub)
     return parser
 
@@ -179,6 +191,19 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         print(f"{name}: {spans} extension spans, {rejected} rejected", file=sys.stderr)
     write_dataset(sentences, args.out)
     print(args.out)
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    # The library does not import ray; the jobs package does, and only this command needs it.
+    try:
+        from jobs.pipeline import PipelineConfig, run_pipeline
+    except ImportError as error:
+        raise KnowFreeError(f"knowfree pipeline needs Ray: pip install 'knowfree[all]' ({error})") from error
+    from .config import load_structured
+
+    overrides = list(args.overrides) + ([f"variant={args.variant}"] if args.variant else [])
+    run_pipeline(load_structured(PipelineConfig, args.config, overrides))
     return 0
 
 

@@ -1,0 +1,160 @@
+"""The row-job pattern that jobs.annotate and jobs.synthesize share.
+
+Prepared JSONL shards of ``{"id", "order", "record"}`` rows → ``map_batches`` into a pool of
+actors (one row out per row in, same id) → JSONL/Parquet row files, with Ray Data's own
+checkpointing keyed on ``id``: the same command after a crash skips every row already
+written. A rerun with other settings or input is refused unless the job is restarted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from jobs.common import RayConfig, init_ray
+from knowfree_core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_FORMATS = ("jsonl", "parquet")
+
+
+@dataclass
+class PoolConfig:
+    """The actor pool. One actor holds one heavy object (an LLM engine, a LAC model, a
+    KnowFREE model) and serves batches of rows."""
+
+    num_actors: int = 2
+    batch_size: int = 64
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    #: CPUs reserved by each read task. Kept small: on a small machine a read task that
+    #: waits for a whole CPU next to busy actors (and Ray Data's checkpoint filter actor)
+    #: stalls the pipeline forever.
+    read_cpus: float = 0.25
+    #: Blocks the input is split into (default 4 per actor) so every actor gets work.
+    blocks: Optional[int] = None
+
+
+@dataclass
+class JobPaths:
+    """Where a row job keeps its state, under ``root``; ``result_name`` is the collected file."""
+
+    root: Path
+    result_name: str = "annotated.jsonl"
+
+    @property
+    def prepared(self) -> Path:
+        return self.root / "input"
+
+    @property
+    def rows(self) -> Path:
+        return self.root / "rows"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "job.json"
+
+    @property
+    def result(self) -> Path:
+        return self.root / self.result_name
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+
+def check_or_start(paths: JobPaths, state: dict[str, Any], restart: bool, job: str = "annotation") -> None:
+    """Refuse to continue another job's rows; ``restart`` discards them instead."""
+    state = json.loads(json.dumps(state))  # as it reads back from job.json (tuples become lists)
+    if paths.state.exists() and not restart:
+        previous = json.loads(paths.state.read_text(encoding="utf-8"))
+        if previous != state:
+            changed = _changed_keys(previous, state)
+            raise ConfigError(
+                f"{paths.root} holds a{'n' if job[0] in 'aeiou' else ''} {job} job with different "
+                f"{', '.join(changed)}; use a new output_dir, or --set restart=true to discard its rows"
+            )
+    if restart:
+        for path in (paths.rows, paths.checkpoint):
+            shutil.rmtree(path, ignore_errors=True)
+        for path in (paths.result, paths.summary):
+            path.unlink(missing_ok=True)
+    paths.state.write_text(json.dumps(state, ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+def _changed_keys(previous: Any, current: Any, name: str = "") -> list[str]:
+    """Dotted names of the leaves that differ between two JSON-like dicts."""
+    if not isinstance(previous, dict) or not isinstance(current, dict):
+        return [name or "state"] if previous != current else []
+    changed: list[str] = []
+    for key in sorted(set(previous) | set(current)):
+        changed += _changed_keys(previous.get(key), current.get(key), f"{name}.{key}" if name else str(key))
+    return changed
+
+
+def count_rows(rows_dir: Path) -> int:
+    """Rows already written (duplicates included)."""
+    if not rows_dir.exists():
+        return 0
+    total = 0
+    for path in rows_dir.rglob("*"):
+        if path.suffix == ".json":
+            with open(path, "rb") as handle:
+                total += sum(1 for _ in handle)
+        elif path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            total += pq.ParquetFile(path).metadata.num_rows
+    return total
+
+
+def map_rows_with_actors(
+    shards: Sequence[Path],
+    paths: JobPaths,
+    actor: Callable[..., Any],
+    actor_kwargs: dict[str, Any],
+    pool: PoolConfig,
+    ray_config: RayConfig,
+    output_format: str = "jsonl",
+) -> None:
+    """Run ``actor`` (a class whose instances map an Arrow batch to an Arrow batch with the
+    same ids) over the shards into ``paths.rows``, resuming after the rows already there."""
+    import ray
+    from ray.data.checkpoint import CheckpointConfig
+
+    if output_format not in OUTPUT_FORMATS:
+        raise ConfigError(f"output_format must be jsonl or parquet, got {output_format!r}")
+    # actors + one read task + the checkpoint filter actor Ray Data adds on resume
+    init_ray(ray_config, min_cpus=pool.num_actors * pool.cpus_per_actor + pool.read_cpus + 1.0)
+    context = ray.data.DataContext.get_current()
+    context.checkpoint_config = CheckpointConfig(
+        id_column="id", checkpoint_path=str(paths.checkpoint), delete_checkpoint_on_success=False
+    )
+    dataset = ray.data.read_json([str(p) for p in shards], num_cpus=pool.read_cpus)
+    dataset = dataset.repartition(pool.blocks or 4 * pool.num_actors)
+    dataset = dataset.map_batches(
+        actor,
+        fn_constructor_kwargs=actor_kwargs,
+        batch_size=pool.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=pool.num_actors),
+        num_cpus=pool.cpus_per_actor,
+        num_gpus=pool.gpus_per_actor or None,
+        # Ray Data restarts a crashed actor and retries its batch by default
+        # (max_restarts=-1, max_task_retries=-1): no record is lost with it.
+    )
+    if output_format == "parquet":
+        dataset.write_parquet(str(paths.rows))
+    else:
+        dataset.write_json(str(paths.rows), force_ascii=False)
+    # The checkpoint config is process-wide: do not leave it on for the next job's dataset.
+    context.checkpoint_config = None

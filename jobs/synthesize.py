@@ -1,0 +1,225 @@
+"""Pipeline 2, enriched explanation synthesis, as a Ray Data job.
+
+    python -m jobs.synthesize --config configs/synthesize-llm.yaml [--set key=value ...]
+
+training sentences → JSONL shards → ``map_batches`` into a pool of LLM engine actors (the
+engines of jobs.annotate: openai, vllm, transformers) asking P_exp (sentences with target
+entities) or P_ext (without) → row files → ``synthetic.jsonl`` (the kept sentences, each
+flagged synthetic, its id linking to its source) and ``summary.json`` (dropped pieces
+counted by reason). With ``label_with: <model dir>`` a second stage labels the target
+entities of the synthetic sentences with that frozen model in a pool of model actors
+(``labeled/labeled.jsonl``); pipeline 1 (jobs.annotate) then adds their extension labels.
+
+Resume as in jobs.annotate: Ray Data checkpointing keyed on the source id plus the SQLite
+answer cache; a rerun with other settings is refused unless ``restart=true``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+from jobs.common import RayConfig, config_arguments, run_main
+from jobs.rowjob import OUTPUT_FORMATS, JobPaths, PoolConfig, check_or_start, count_rows, map_rows_with_actors
+from knowfree_core.annotation import collect_output, prepare_input
+from knowfree_core.config import load_structured, structured_to_dict
+from knowfree_core.errors import ConfigError
+from knowfree_core.llm.engine import EngineConfig, GenerationParams
+from knowfree_core.synthesis import SynthesisSettings, Synthesizer, SyntheticLabeler, collect_synthesis
+
+logger = logging.getLogger("jobs.synthesize")
+
+
+def _sampling_defaults() -> GenerationParams:
+    # Continuations should vary: sample, with a seed so that a rerun asks the same prompts.
+    return GenerationParams(max_tokens=256, temperature=0.8, top_p=0.95, seed=0)
+
+
+@dataclass
+class LabelStage:
+    """The frozen pipeline-1 model labelling target entities in the synthetic sentences."""
+
+    batch_size: int = 32  # sentences per forward pass
+    device: str = "cpu"
+    num_threads: Optional[int] = None  # torch threads per actor (None: torch's default)
+    pool: PoolConfig = field(default_factory=lambda: PoolConfig(num_actors=1, batch_size=256))
+
+
+@dataclass
+class SynthesizeJobConfig:
+    input: List[str] = MISSING
+    format: Optional[str] = None
+    read_options: Dict[str, Any] = field(default_factory=dict)
+    output_dir: str = MISSING
+    output_format: str = "jsonl"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    generation: GenerationParams = field(default_factory=_sampling_defaults)
+    synthesis: SynthesisSettings = field(default_factory=SynthesisSettings)
+    #: SQLite answer cache; default ``<output_dir>/answers.sqlite``.
+    cache: Optional[str] = None
+    #: A model folder (``run_dir/model``): label the synthetic sentences with it.
+    label_with: Optional[str] = None
+    label: LabelStage = field(default_factory=LabelStage)
+    pool: PoolConfig = field(default_factory=lambda: PoolConfig(num_actors=1, batch_size=16))
+    ray: RayConfig = field(default_factory=RayConfig)
+    restart: bool = False
+
+
+class SynthesizeActor:
+    """One pool member: one LLM engine, answering batches of source rows."""
+
+    def __init__(self, engine: dict, settings: dict, params: dict, cache: Optional[str]):
+        self.synthesizer = Synthesizer(engine, settings, params, cache)
+
+    def __call__(self, table):
+        import pyarrow as pa
+
+        return pa.Table.from_pylist(self.synthesizer(table.to_pylist()), schema=synthesis_schema())
+
+
+class LabelActor:
+    """One pool member: one frozen KnowFREE model, labelling batches of synthetic rows."""
+
+    def __init__(self, model_dir: str, batch_size: int, device: str, num_threads: Optional[int]):
+        self.labeler = SyntheticLabeler(model_dir, batch_size, device, num_threads)
+
+    def __call__(self, table):
+        import pyarrow as pa
+
+        started = time.perf_counter()
+        rows = self.labeler(table.to_pylist())
+        seconds = (time.perf_counter() - started) / max(len(rows), 1)
+        # The annotation row layout, so that annotation.collect_output collects them.
+        for row in rows:
+            row.update(annotator="knowfree", raw_answers="{}", prompt_versions="{}", rejections="[]",
+                       n_rejections=0, seconds=seconds)
+        return pa.Table.from_pylist(rows, schema=label_schema())
+
+
+def synthesis_schema():
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("order", pa.int64()),
+            ("synthetic", pa.string()),
+            ("raw_answers", pa.string()),
+            ("prompt_version", pa.string()),
+            ("rejections", pa.string()),
+            ("n_synthetic", pa.int64()),
+            ("n_rejections", pa.int64()),
+            ("seconds", pa.float64()),
+        ]
+    )
+
+
+def label_schema():
+    from jobs.annotate import output_schema
+
+    return output_schema()
+
+
+def _settings_that_change_results(config: SynthesizeJobConfig) -> dict[str, Any]:
+    settings = structured_to_dict(config)
+    for key in ("max_concurrency", "max_retries", "timeout_s", "api_key_env", "base_url"):
+        settings["engine"].pop(key, None)
+    return {k: settings[k] for k in ("engine", "generation", "synthesis", "format", "read_options")}
+
+
+def _label(config: SynthesizeJobConfig, synthetic_path: Path, root: Path) -> dict[str, Any]:
+    paths = JobPaths(root / "labeled", result_name="labeled.jsonl")
+    paths.root.mkdir(parents=True, exist_ok=True)
+    model_dir = str(Path(config.label_with).resolve())
+    if not Path(model_dir).is_dir():
+        raise ConfigError(f"label_with: {model_dir} is not a model folder (run_dir/model)")
+    if synthetic_path.stat().st_size == 0:
+        paths.result.write_text("", encoding="utf-8")
+        return {"sentences": 0, "target_spans": 0, "labeled": str(paths.result)}
+    prepared = prepare_input([str(synthetic_path)], paths.prepared, "jsonl")
+    state = {"input": prepared.fingerprint, "sentences": prepared.sentences, "model": model_dir}
+    check_or_start(paths, state, config.restart, job="labelling")
+    stage = config.label
+    if count_rows(paths.rows) < prepared.sentences:
+        map_rows_with_actors(
+            prepared.shards, paths, LabelActor,
+            {"model_dir": model_dir, "batch_size": stage.batch_size, "device": stage.device,
+             "num_threads": stage.num_threads},
+            stage.pool, config.ray, config.output_format,
+        )
+    summary, _ = collect_output(paths.rows, paths.result)
+    if summary.sentences != prepared.sentences:
+        raise RuntimeError(f"{summary.sentences} of {prepared.sentences} synthetic sentences were labelled; rerun")
+    spans = sum(len(json.loads(line)["spans"]) for line in paths.result.read_text(encoding="utf-8").splitlines())
+    result = {"sentences": summary.sentences, "target_spans": spans, "model": model_dir, "labeled": str(paths.result)}
+    paths.summary.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
+    return result
+
+
+def run_synthesis(config: SynthesizeJobConfig) -> dict[str, Any]:
+    """Run (or resume) the job; returns the summary dict (also written to summary.json)."""
+    if config.output_format not in OUTPUT_FORMATS:
+        raise ConfigError(f"output_format must be jsonl or parquet, got {config.output_format!r}")
+    paths = JobPaths(Path(config.output_dir).resolve(), result_name="synthetic.jsonl")
+    paths.root.mkdir(parents=True, exist_ok=True)
+    cache = config.cache or str(paths.root / "answers.sqlite")
+    actor_kwargs = {
+        "engine": asdict(config.engine),
+        "settings": asdict(config.synthesis),
+        "params": asdict(config.generation),
+        "cache": cache,
+    }
+    # Fail fast here (unknown engine or prompt, wrong key or model), not once per prompt.
+    probe = Synthesizer(**actor_kwargs)
+    probe.check_access()
+    probe.engine.close()
+
+    prepared = prepare_input(config.input, paths.prepared, config.format, dict(config.read_options))
+    state = {"input": prepared.fingerprint, "sentences": prepared.sentences,
+             "settings": _settings_that_change_results(config)}
+    check_or_start(paths, state, config.restart, job="synthesis")
+    already = count_rows(paths.rows)
+    logger.info("%d source sentences; %d already done", prepared.sentences, already)
+    started = time.perf_counter()
+    if already < prepared.sentences:
+        map_rows_with_actors(prepared.shards, paths, SynthesizeActor, actor_kwargs, config.pool, config.ray,
+                             config.output_format)
+    summary, duplicates = collect_synthesis(paths.rows, paths.result)
+    if summary.sources != prepared.sentences:
+        raise RuntimeError(
+            f"{summary.sources} of {prepared.sentences} source sentences were done; rerun the same command"
+        )
+    summary.wall_seconds = time.perf_counter() - started
+    result = summary.to_dict() | {
+        "duplicate_rows_dropped": duplicates,
+        "engine": {"kind": config.engine.kind, "model": config.engine.model},
+        "synthetic": str(paths.result),
+    }
+    print(summary.table())
+    if config.label_with:
+        result["labelling"] = _label(config, paths.result, paths.root)
+        print(f"labelled {result['labelling']['sentences']} synthetic sentences "
+              f"({result['labelling']['target_spans']} target spans): {result['labelling']['labeled']}")
+    paths.summary.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
+    print(f"synthetic sentences: {paths.result}")
+    return result
+
+
+def load_job_config(path: str | None, overrides: list[str]) -> SynthesizeJobConfig:
+    return load_structured(SynthesizeJobConfig, path, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = config_arguments("Enriched explanation synthesis (pipeline 2) with Ray Data").parse_args(argv)
+    run_synthesis(load_job_config(args.config, args.set))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))

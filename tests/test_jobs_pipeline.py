@@ -1,0 +1,135 @@
+"""jobs.pipeline end to end on a local Ray cluster: variant FS with the openai engine against a
+loopback OpenAI-compatible server (annotation, merging, training, synthesis, labelling by the
+frozen F model, extension labels of the synthetic sentences, retraining with β), the run
+folder, a rerun that redoes nothing, and grid mode's summary."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from knowfree_core.formats import read_dataset
+
+pytest.importorskip("ray")
+pytest.importorskip("sentence_transformers")
+from jobs.pipeline import PipelineConfig, run_pipeline, summary_table  # noqa: E402
+from knowfree_core.config import load_structured  # noqa: E402
+from model_fixtures import tiny_run_config  # noqa: E402
+
+BETA = 0.4
+
+
+def _stub_answer(request):
+    """P_ent: the sentence's first two characters as a 人物 entity; P_exp: a continuation that
+    repeats the given entities in new sentences, plus a duplicate and an over-long line."""
+    prompt = request.prompt_text
+    if "命名实体" in prompt:
+        sentence = prompt.rsplit("输入：", 1)[-1].strip()
+        return json.dumps([{"entity": sentence[:2], "type": "人物"}], ensure_ascii=False)
+    if "实体：" in prompt:
+        entities = re.findall(r"'([^'(]+)\(", prompt.rsplit("实体：", 1)[-1])
+        person, city = (entities + ["张三", "北京"])[:2]
+        return (f"**续写：**{person}后来又去了{city}。\n1. **{person}**：{person}是一个人名，住在{city}。"
+                f"\n{person}后来又去了{city}。\n" + "很" * 300 + "。")
+    return "这是一个测试句子。"
+
+
+def _write_configs(root: Path, base_url: str, *extra: str) -> Path:
+    train = tiny_run_config(root, epochs=2, encoder_lr=1e-3, head_lr=3e-3)
+    train["model"]["beta"] = BETA
+    (root / "train.yaml").write_text(yaml.safe_dump(train, allow_unicode=True), encoding="utf-8")
+    engine = {"kind": "openai", "model": "stub", "base_url": base_url, "max_retries": 0}
+    pipeline = {
+        "train_config": str(root / "train.yaml"),
+        "output_dir": str(root / "run"),
+        "variant": "FS",
+        "annotate": {"annotator": "llm", "steps": ["ent"], "llm": {"engine": engine},
+                     "pool": {"num_actors": 1, "cpus_per_actor": 0.5, "batch_size": 8}},
+        "merge": {"proposer": "faiss", "pool": {"num_actors": 1, "cpus_per_actor": 0.5}},
+        "synthesis": {"engine": engine, "synthesis": {"max_units": 60},
+                      "pool": {"num_actors": 1, "cpus_per_actor": 0.5, "batch_size": 8},
+                      "label": {"pool": {"num_actors": 1, "cpus_per_actor": 0.5}}},
+        "train_resources": {"num_cpus": 1},
+    }
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(pipeline, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def test_variant_fs_end_to_end_against_a_loopback_openai_server(ray_cluster, llm_stub, tmp_path, capsys):
+    llm_stub.answer = _stub_answer
+    config_path = _write_configs(tmp_path, llm_stub.base_url)
+    summary = run_pipeline(load_structured(PipelineConfig, str(config_path), []))
+    run = tmp_path / "run"
+
+    # the run folder holds every intermediate artefact
+    for relative in ["train_subset.jsonl", "annotate/annotated.jsonl", "merge/label_map.json", "merge/merged.jsonl",
+                     "train/model", "train/metrics.json", "synthesize/synthetic.jsonl",
+                     "synthesize/labeled/labeled.jsonl", "synthesize/summary.json",
+                     "synthetic_annotate/annotated.jsonl", "train_fs_data.jsonl", "train_fs/model",
+                     "train_fs/metrics.json", "cell.json", "summary.md", "summary.json"]:
+        assert (run / relative).exists(), relative
+
+    synthesis = json.loads((run / "synthesize" / "summary.json").read_text(encoding="utf-8"))
+    assert synthesis["sources"] == 20 and synthesis["sources_with_entities"] == 20
+    # per answer: the repeated sentence and the 300-character line are dropped and counted
+    assert synthesis["rejections_by_reason"]["sentence too long"] == 20
+    assert synthesis["rejections_by_reason"]["duplicate sentence"] >= 20
+    assert synthesis["synthetic_sentences"] > 0
+
+    # the synthetic samples are in the FS training data, flagged, linked to their source,
+    # and carry extension labels from pipeline 1; the FS run trains them with β
+    fs_train = read_dataset(run / "train_fs" / "train_data.jsonl")
+    synthetic = [s for s in fs_train if s.synthetic]
+    originals = {s.id for s in fs_train if not s.synthetic}
+    assert len(synthetic) == synthesis["synthetic_sentences"] and len(originals) == 20
+    assert all(s.id.split("#syn")[0] in originals for s in synthetic)
+    assert all(any(e.source == "llm:ent" for e in s.extension_spans) for s in synthetic)
+    fs_config = yaml.safe_load((run / "train_fs" / "config.yaml").read_text(encoding="utf-8"))
+    assert fs_config["model"]["beta"] == BETA
+    assert json.loads((run / "cell.json").read_text(encoding="utf-8"))["beta"] == BETA
+    # F trained on the originals only
+    assert not any(s.synthetic for s in read_dataset(run / "train" / "train_data.jsonl"))
+
+    assert set(summary["cells"][""]) == {"F", "FS"}
+    out = capsys.readouterr().out
+    assert "| F |" in out and "| FS |" in out and "synthesis engine: openai stub" in out
+
+    # the same command again: every stage is skipped, no prompt is sent again
+    requests = len(llm_stub.requests)
+    again = run_pipeline(load_structured(PipelineConfig, str(config_path), []))
+    assert again["cells"][""]["FS"]["test"] == summary["cells"][""]["FS"]["test"]
+    assert [r.prompt_text for r in llm_stub.requests[requests:]] == ["ping"] * (len(llm_stub.requests) - requests)
+
+
+def test_summary_table_gives_mean_and_std_over_seeds():
+    def cell(f1):
+        return {"test": {"f1": f1}}
+
+    results = {
+        "k5-seed1": {"F": cell(0.30), "FS": cell(0.40)},
+        "k5-seed2": {"F": cell(0.34), "FS": cell(0.42)},
+        "k10-seed1": {"F": cell(0.50), "FS": cell(0.52)},
+    }
+    table = summary_table(results, ["F", "FS"]).splitlines()
+    assert table[0] == "| setting | seeds | F test F1 | FS test F1 |"
+    assert table[2] == "| k5 | 2 | 32.00 ± 2.83 | 41.00 ± 1.41 |"
+    assert table[3] == "| k10 | 1 | 50.00 | 52.00 |"
+
+
+def test_grid_cells_and_bad_variants_are_checked(tmp_path):
+    from jobs.pipeline import _cells
+    from knowfree_core.errors import ConfigError
+
+    config = load_structured(PipelineConfig, None, [
+        "train_config=x.yaml", f"output_dir={tmp_path}", "grid.k_shot=[5,10]", "grid.seeds=[1,2]"])
+    cells = _cells(config)
+    assert [name for name, _ in cells] == ["k5-seed1", "k5-seed2", "k10-seed1", "k10-seed2"]
+    assert "data.subset_seed=2" in cells[1][1] and "data.k_shot=5" in cells[1][1]
+    with pytest.raises(ConfigError, match="variant"):
+        run_pipeline(load_structured(PipelineConfig, None, [
+            "train_config=x.yaml", f"output_dir={tmp_path}", "variant=XYZ"]))
