@@ -1,4 +1,4 @@
-"""The ``knowfree`` command line: train, evaluate, predict, sample, annotate, encoder.
+"""The ``knowfree`` command line: train, evaluate, predict, sample, annotate, encoder, report.
 
 Every sub-command is a thin layer over the library; errors the user can fix (a wrong file,
 label or config key) are printed as one clear line with exit status 2, not as a traceback.
@@ -91,11 +91,24 @@ def _add_encoder(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_encoder)
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="write RUN/report/report.md + report.html with plots (metrics, Figures 5 and 8)")
+    p.add_argument("--run", "-r", required=True, help="run folder written by knowfree train")
+    p.add_argument("--data", "-d", help="labelled test file (default: the run config's data.test)")
+    p.add_argument("--no-embeddings", action="store_true",
+                   help="skip the 2-D sentence-embedding plot (no embedding model is loaded)")
+    p.add_argument("--embedder", default="offline-e5", help="sentence-transformers name or path (default offline-e5)")
+    p.add_argument("--compare", nargs="+", default=[], metavar="RUN_DIR",
+                   help="other run folders for the F1-against-training-size plot (e.g. a pipeline grid)")
+    p.set_defaults(handler=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="knowfree", description=__doc__.splitlines()[0])
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_evaluate, _add_predict, _add_sample, _add_annotate, _add_pipeline, _add_encoder):
+    for add in (_add_train, _add_evaluate, _add_predict, _add_sample, _add_annotate, _add_pipeline, _add_encoder,
+                _add_report):
         add(sub)
     return parser
 
@@ -211,6 +224,15 @@ def cmd_encoder(args: argparse.Namespace) -> int:
     from .encoders.e5_offline import ensure_offline_e5
 
     print(ensure_offline_e5(args.cache_dir))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    page = write_report(args.run, test_path=args.data, embeddings=not args.no_embeddings, embedder=args.embedder,
+                        compare_runs=args.compare)
+    print(page)
     return 0
 
 
