@@ -15,6 +15,9 @@ Variants of one training subset (one *cell*):
     the fused plus the synthetic samples, the latter weighted by ``model.beta``.
 ``noext``, ``biaffine``
     the ablations: no extension labels; and no local attention either.
+``F-noent``, ``F-nopos``, ``F-nomerge``, ``F-cnn``
+    the ablations of the paper's Table 3: F without entity (or POS) extension labels, without
+    synonym merging, and with a 2-D CNN in place of the local attention.
 
 Each stage writes its own folder in the cell's folder and is skipped when its output is
 there, so a rerun after a crash continues with the stage that was interrupted (annotation,
@@ -63,9 +66,19 @@ from knowfree_core.synthesis import SynthesisSettings
 
 logger = logging.getLogger("jobs.pipeline")
 
-VARIANTS = ("F", "FS", "noext", "biaffine")
+#: The ablations of the paper's Table 3, each a change to F: (training file, extension sources
+#: left out, model settings). "w/o S.L." (no synonym merging) trains on the annotated file.
+ABLATIONS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
+    "F-noent": ("fused", (":ent",), {}),
+    "F-nopos": ("fused", (":pos",), {}),
+    "F-nomerge": ("annotated", (), {}),
+    "F-cnn": ("fused", (), {"grid_mixer": "cnn"}),
+}
+VARIANTS = ("F", "FS", "noext", "biaffine", *ABLATIONS)
 #: Each variant's training folder in a cell.
-TRAIN_DIRS = {"F": "train", "FS": "train_fs", "noext": "train_noext", "biaffine": "train_biaffine"}
+TRAIN_DIRS = {"F": "train", "FS": "train_fs", "noext": "train_noext", "biaffine": "train_biaffine"} | {
+    name: "train_" + name.lower().replace("-", "_") for name in ABLATIONS
+}
 
 
 @dataclass
@@ -181,7 +194,7 @@ class Cell:
             self.stages["merge"] = run_merge(merge_config)
         return out / "merged.jsonl"
 
-    def train(self, variant: str, training_file: Path) -> dict:
+    def train(self, variant: str, training_file: Path, model_changes: Optional[dict] = None) -> dict:
         run_dir = self.root / TRAIN_DIRS[variant]
         metrics_path = run_dir / "metrics.json"
         if metrics_path.exists():  # finished: do not even load the data again
@@ -193,6 +206,7 @@ class Cell:
         model = base.model
         if variant in ("noext", "biaffine"):
             model = replace(model, use_extension_labels=False, use_local_attention=variant != "biaffine")
+        model = replace(model, **(model_changes or {}))
         final = replace(base, data=data, model=model, output_dir=str(run_dir))
         import ray
 
@@ -233,6 +247,22 @@ class Cell:
         self.stages["synthetic_sentences"] = len(synthetic)
         return out
 
+    def ablation_data(self, variant: str, source: str, left_out: tuple[str, ...]) -> Path:
+        """The training file of an ablation: the fused (or only annotated) samples without the
+        extension spans whose source ends with one of ``left_out`` (``lac:ent`` for ``:ent``)."""
+        path = self.root / "annotate" / "annotated.jsonl"
+        if source == "fused":
+            path = self.root / "merge" / "merged.jsonl" if self.config.merge_labels else path
+        if not left_out:
+            return path
+        out = self.root / f"{TRAIN_DIRS[variant]}_data.jsonl"
+        sentences = [
+            replace(s, extension_spans=[e for e in s.extension_spans if not e.source.endswith(left_out)])
+            for s in read_dataset(path, format="jsonl")
+        ]
+        write_dataset(sentences, out)
+        return out
+
     # -- the cell --------------------------------------------------------------------------
 
     def run(self, variants: List[str]) -> dict[str, dict]:
@@ -245,6 +275,11 @@ class Cell:
             if "FS" in variants:
                 training_file = self.synthetic(fused, self.root / TRAIN_DIRS["F"] / "model")
                 scores["FS"] = _scores(self.train("FS", training_file))
+        for variant, (source, left_out, model_changes) in ABLATIONS.items():
+            if variant in variants:
+                self.fused()  # annotate/ and merge/ (both are reused when already there)
+                scores[variant] = _scores(self.train(variant, self.ablation_data(variant, source, left_out),
+                                                     model_changes))
         for variant in ("noext", "biaffine"):
             if variant in variants:
                 scores[variant] = _scores(self.train(variant, self.subset()))

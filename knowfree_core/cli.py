@@ -79,7 +79,8 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
         help="the main job on Ray: annotate → merge → train (F), + synthesize → retrain (FS); see jobs.pipeline",
     )
     p.add_argument("--config", "-c", required=True, help="pipeline YAML config (e.g. configs/demo-pipeline.yaml)")
-    p.add_argument("--variant", choices=("F", "FS", "noext", "biaffine"), help="overrides the config's variant")
+    p.add_argument("--variant", help="overrides the config's variant: F, FS, noext, biaffine, or an ablation "
+                                     "(F-noent, F-nopos, F-nomerge, F-cnn)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a pipeline config key, e.g. --set grid.seeds=[1,2,3] (repeatable)")
     p.set_defaults(handler=cmd_pipeline)

@@ -68,6 +68,7 @@ class ModelConfig:
     window: int = 3  # omega
     attn_heads: int = 10  # K
     use_local_attention: bool = True
+    grid_mixer: str = "attention"  # attention (paper) | cnn (Table 3 ablation: a 2-D CNN over the grid)
     dropout: float = 0.1
     output_prior: float = 0.01  # initial probability of every cell/label (output bias = logit)
     input_norm: bool = False  # LayerNorm on the encoder states before the span head
@@ -99,6 +100,9 @@ class TrainConfig:
     precision: str = "fp32"
     # After training, pick model.threshold from these by dev F1 (empty: keep model.threshold).
     threshold_candidates: List[float] = field(default_factory=lambda: [0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5])
+    # Choose the best epoch by dev F1 at each epoch's best candidate threshold instead of at
+    # model.threshold (few-shot runs, whose early epochs predict nothing at 0.5).
+    select_on_thresholds: bool = False
 
 
 @dataclass

@@ -42,6 +42,8 @@ class EpochReport:
     peak_rss_mib: float
     dev: Optional[dict] = None  # SpanScores.to_dict() on the dev set, when there is one
     dev_f1: Optional[float] = None
+    #: With ``train.select_on_thresholds``: the candidate threshold that gave ``dev``.
+    dev_threshold: Optional[float] = None
     best_dev_f1: Optional[float] = None
     best_epoch: Optional[int] = None
     is_best: bool = False
@@ -141,6 +143,19 @@ def evaluate(
     return score_spans([s.spans for s in sentences], predictions)
 
 
+def evaluate_thresholds(
+    model: KnowFreeModel, sentences: Sequence[Sentence], candidates: Sequence[float], batch_size: int = 32
+) -> dict[float, SpanScores]:
+    """Scores at each candidate threshold from one forward pass (decoding is cheap)."""
+    logits = model.target_logits(sentences, batch_size)
+    gold = [s.spans for s in sentences]
+    return {float(t): score_spans(gold, model.decode(logits, threshold=t)) for t in candidates}
+
+
+def _best_threshold(scores: dict[float, float]) -> float:
+    return max(scores, key=lambda t: (scores[t], -abs(t - 0.5)))
+
+
 def tune_threshold(
     model: KnowFreeModel, dev: Sequence[Sentence], candidates: Sequence[float], batch_size: int = 32
 ) -> tuple[float, dict[float, float]]:
@@ -150,10 +165,8 @@ def tune_threshold(
     0.5); choosing the threshold on dev trades some precision for recall without touching
     test data. The model's threshold is set to the winner.
     """
-    logits = model.target_logits(dev, batch_size)
-    gold = [s.spans for s in dev]
-    scores = {float(t): score_spans(gold, model.decode(logits, threshold=t)).f1 for t in candidates}
-    best = max(scores, key=lambda t: (scores[t], -abs(t - 0.5)))
+    scores = {t: score.f1 for t, score in evaluate_thresholds(model, dev, candidates, batch_size).items()}
+    best = _best_threshold(scores)
     model.config.threshold = best
     return best, scores
 
@@ -325,8 +338,17 @@ def fit(
             peak_rss_mib=peak_rss_mib(),
         )
         if has_dev:
-            scores = evaluate(model, dev, config.eval_batch_size, progress=progress) if ctx.is_main else None
+            scores = None
+            if ctx.is_main and config.select_on_thresholds and config.threshold_candidates:
+                # Few-shot models are shy: at 0.5 every epoch may score 0 and the first one
+                # would be kept. Judge each epoch at its best dev threshold instead.
+                by_threshold = evaluate_thresholds(model, dev, config.threshold_candidates, config.eval_batch_size)
+                report.dev_threshold = _best_threshold({t: sc.f1 for t, sc in by_threshold.items()})
+                scores = by_threshold[report.dev_threshold]
+            elif ctx.is_main:
+                scores = evaluate(model, dev, config.eval_batch_size, progress=progress)
             report.dev = ctx.broadcast(scores.to_dict() if scores is not None else None)
+            report.dev_threshold = ctx.broadcast(report.dev_threshold)
             report.dev_f1 = report.dev["f1"]
             if best_f1 is None or report.dev_f1 > best_f1:
                 best_f1, best_epoch = report.dev_f1, epoch

@@ -133,3 +133,30 @@ def test_grid_cells_and_bad_variants_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="variant"):
         run_pipeline(load_structured(PipelineConfig, None, [
             "train_config=x.yaml", f"output_dir={tmp_path}", "variant=XYZ"]))
+
+
+def test_ablation_training_files_leave_out_the_named_extension_sources(tmp_path):
+    from jobs.pipeline import ABLATIONS, Cell
+    from knowfree_core.config import KnowFreeConfig
+    from knowfree_core.formats import write_dataset
+    from knowfree_core.records import ExtensionSpan, Sentence, Span
+
+    sentence = Sentence(id="a", units=list("张三在北京"), spans=[Span(0, 2, "PER")], extension_spans=[
+        ExtensionSpan(0, 2, "ENT-PER", "lac:ent"), ExtensionSpan(0, 2, "SEG", "lac:seg"),
+        ExtensionSpan(0, 2, "POS-nr", "lac:pos")])
+    (tmp_path / "annotate").mkdir()
+    (tmp_path / "merge").mkdir()
+    write_dataset([sentence], tmp_path / "annotate" / "annotated.jsonl")
+    write_dataset([sentence], tmp_path / "merge" / "merged.jsonl")
+    config = load_structured(PipelineConfig, None, ["train_config=x.yaml", f"output_dir={tmp_path}"])
+    cell = Cell(config, KnowFreeConfig(), tmp_path)
+
+    def sources(variant):
+        path = cell.ablation_data(variant, *ABLATIONS[variant][:2])
+        return path, sorted(e.source for s in read_dataset(path) for e in s.extension_spans)
+
+    assert sources("F-noent")[1] == ["lac:pos", "lac:seg"]
+    assert sources("F-nopos")[1] == ["lac:ent", "lac:seg"]
+    assert sources("F-nomerge")[0] == tmp_path / "annotate" / "annotated.jsonl"
+    assert sources("F-cnn")[0] == tmp_path / "merge" / "merged.jsonl"
+    assert ABLATIONS["F-cnn"][2] == {"grid_mixer": "cnn"}

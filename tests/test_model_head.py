@@ -216,10 +216,10 @@ def test_beta_scales_only_synthetic_samples():
 # ---------------------------------------------------------------- learning
 
 
-@pytest.mark.parametrize("use_local_attention", [True, False])
-def test_head_overfits_tiny_batch(use_local_attention):
+@pytest.mark.parametrize("use_local_attention,grid_mixer", [(True, "attention"), (False, "attention"), (True, "cnn")])
+def test_head_overfits_tiny_batch(use_local_attention, grid_mixer):
     torch.manual_seed(0)
-    head = KnowFreeHead(12, 3, use_local_attention=use_local_attention, **SMALL)
+    head = KnowFreeHead(12, 3, use_local_attention=use_local_attention, grid_mixer=grid_mixer, **SMALL)
     states, mask = _inputs(seed=1)
     cells = span_grid_mask(mask)
     generator = torch.Generator().manual_seed(2)
@@ -260,3 +260,18 @@ def test_band_form_equals_the_full_grid_on_spans_up_to_the_limit(use_attention):
     full_grad = torch.autograd.grad(expected.sum(), hidden)[0]
     band_grad = torch.autograd.grad(got_all[cells].sum(), hidden)[0]
     assert torch.allclose(full_grad, band_grad, atol=1e-4)
+
+
+def test_cnn_grid_mixer_ignores_padding_and_learns():
+    """Table 3's "w/o local attn w cnn": a convolution replaces the local attention; padded
+    units change nothing in the real cells (test_head_overfits_tiny_batch shows it learns)."""
+    torch.manual_seed(0)
+    head = KnowFreeHead(12, 3, grid_mixer="cnn", max_span_length=2, **SMALL).eval()
+    assert head.local_attention is None and head.grid_cnn is not None
+    states, mask = _inputs(length=6)
+    with torch.no_grad():
+        padded = head(states, mask)[1, :4, :4]
+        alone = head(states[1:, :4], mask[1:, :4])[0]
+    assert torch.allclose(padded, alone, atol=1e-5)
+    with pytest.raises(ValueError, match="grid_mixer"):
+        KnowFreeHead(12, 3, grid_mixer="lstm", **SMALL)

@@ -63,3 +63,25 @@ def test_batches_cover_every_sentence_once_and_group_similar_lengths():
     ids = [s.id for batch in batches for s in batch]
     assert sorted(ids) == sorted(s.id for s in sentences)
     assert all(len(batch) <= 8 for batch in batches)
+
+
+def test_select_on_thresholds_judges_each_epoch_at_its_best_dev_threshold(encoder_dir):
+    from knowfree_core.training import evaluate_thresholds
+
+    train, dev = tiny_corpus(16, seed=1), tiny_corpus(6, seed=2, prefix="d", with_extensions=False)
+    candidates = [0.05, 0.2, 0.5]
+    config = TrainConfig(epochs=2, batch_size=4, encoder_lr=1e-3, head_lr=3e-3, seed=3, device="cpu",
+                         threshold_candidates=candidates, select_on_thresholds=True)
+    model = _model(encoder_dir, train)
+    result = fit(model, train, dev, config, progress=False)
+    assert all(report.dev_threshold in candidates for report in result.history)
+    assert result.best_dev_f1 == max(report.dev_f1 for report in result.history)
+    # the kept (best-epoch) model scores that F1 at that epoch's threshold, and no candidate beats it
+    best = result.history[result.best_epoch - 1]
+    scores = evaluate_thresholds(model, dev, candidates)
+    assert scores[best.dev_threshold].f1 == pytest.approx(best.dev_f1)
+    assert max(s.f1 for s in scores.values()) == pytest.approx(best.dev_f1)
+
+    plain = fit(_model(encoder_dir, train), train, dev, TrainConfig(epochs=1, batch_size=4, device="cpu"),
+                progress=False)
+    assert plain.history[0].dev_threshold is None

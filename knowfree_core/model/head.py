@@ -57,6 +57,9 @@ class KnowFreeHead(nn.Module):
         window: ω of the local attention (paper: 3).
         attn_heads: K of the local attention (paper: 10; must divide grid_size).
         use_local_attention: False gives the plain biaffine baseline, logits = W_O(H_B) + b.
+        grid_mixer: ``attention`` (the paper's local multi-head attention) or ``cnn`` (the
+            ablation of the paper's Table 3, "w/o local attn w cnn": a 2-D convolution with a
+            (2ω+1)×(2ω+1) kernel over the span grid, as CNN Nested NER does, in its place).
         dropout: on the boundary features and on the classifier input.
         output_prior: initial probability π of every cell/label; the output bias starts at
             logit(π) because almost all of the L² cells are negatives, and starting at 0.5
@@ -78,6 +81,7 @@ class KnowFreeHead(nn.Module):
         window: int = 3,
         attn_heads: int = 10,
         use_local_attention: bool = True,
+        grid_mixer: str = "attention",
         dropout: float = 0.1,
         output_prior: float = 0.01,
         chunk_elements: int | None = None,
@@ -97,9 +101,15 @@ class KnowFreeHead(nn.Module):
         self.biaffine = BiaffineSpanEncoder(
             hidden_size, ffn_size, grid_size, biaffine_heads, dropout=dropout
         )
+        if grid_mixer not in ("attention", "cnn"):
+            raise ValueError(f"grid_mixer must be 'attention' or 'cnn', got {grid_mixer!r}")
         self.local_attention: LocalGridAttention | None = None
+        self.grid_cnn: nn.Conv2d | None = None
         self.norm: nn.LayerNorm | None = None
-        if use_local_attention:
+        if use_local_attention and grid_mixer == "cnn":
+            self.grid_cnn = nn.Conv2d(grid_size, grid_size, kernel_size=2 * window + 1, padding=window)
+            self.norm = nn.LayerNorm(grid_size)
+        elif use_local_attention:
             self.local_attention = LocalGridAttention(
                 grid_size, attn_heads, window, chunk_elements=chunk_elements
             )
@@ -114,6 +124,12 @@ class KnowFreeHead(nn.Module):
         if self.input_norm is not None:
             hidden = self.input_norm(hidden)
         grid = self.biaffine(hidden)
+        if self.grid_cnn is not None and self.norm is not None:
+            cells = (mask[:, :, None] & mask[:, None, :]).unsqueeze(-1).to(grid.dtype)
+            # (B, L, L, D) -> (B, D, L, L) for the convolution; padding cells are zeroed first so
+            # that they contribute nothing, as the attention's key mask does.
+            mixed = self.grid_cnn((grid * cells).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            return grid + self.norm(grid + nn.functional.gelu(mixed))
         if self.local_attention is None or self.norm is None:
             return grid
         attended = self.local_attention(grid, mask)
@@ -127,7 +143,9 @@ class KnowFreeHead(nn.Module):
                 f"{tuple(mask.shape)}"
             )
         length = hidden.shape[1]
-        if self.max_span_length is not None and self.max_span_length + 2 * self.window < length:
+        # The band form covers the attention mixer only: the CNN reads a 2-D neighbourhood.
+        if (self.grid_cnn is None and self.max_span_length is not None
+                and self.max_span_length + 2 * self.window < length):
             return self._forward_band(hidden, mask.bool())
         return self.classifier(self.dropout(self.grid(hidden, mask.bool())))
 

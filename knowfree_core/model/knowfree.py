@@ -87,6 +87,7 @@ class KnowFreeModel(nn.Module):
             window=config.window,
             attn_heads=config.attn_heads,
             use_local_attention=config.use_local_attention,
+            grid_mixer=config.grid_mixer,
             dropout=config.dropout,
             output_prior=config.output_prior,
             input_norm=config.input_norm,
