@@ -44,6 +44,7 @@ REASON_TOO_LONG = "sentence too long"
 REASON_DUPLICATE = "duplicate sentence"
 REASON_SOURCE_COPY = "copy of a training sentence"
 REASON_PROMPT_ECHO = "echo of the prompt"
+REASON_OVER_CAP = "over max_per_source"
 
 # Sentence ends: Chinese/Japanese full stops, question and exclamation marks, semicolons and
 # line breaks; for space-separated languages also "." "!" "?" before whitespace.
@@ -68,6 +69,10 @@ class SynthesisSettings:
         temperature > 0 they differ; at temperature 0 extra continuations only repeat.
     min_units, max_units
         Synthetic sentences outside these lengths (in units) are dropped and counted.
+    max_per_source
+        Keep at most this many sentences per source sentence (the first ones of its answers;
+        the rest are counted as ``over max_per_source``). None keeps all: the paper does not
+        cap, but on a slow machine the synthetic set sets the retraining time.
     """
 
     language: str = "zh"
@@ -75,10 +80,13 @@ class SynthesisSettings:
     continuations: int = 1
     min_units: int = 5
     max_units: int = 160
+    max_per_source: int | None = None
 
     def __post_init__(self) -> None:
         if self.continuations < 1:
             raise ValueError(f"continuations must be at least 1, got {self.continuations}")
+        if self.max_per_source is not None and self.max_per_source < 1:
+            raise ValueError(f"max_per_source must be at least 1 (or null), got {self.max_per_source}")
         if not 0 < self.min_units <= self.max_units:
             raise ValueError(f"need 0 < min_units <= max_units, got {self.min_units} and {self.max_units}")
 
@@ -220,6 +228,8 @@ class Synthesizer:
                         reason = REASON_DUPLICATE
                     elif len(key) >= 8 and key in prompt_text:
                         reason = REASON_PROMPT_ECHO  # the model repeated its instructions
+                    elif self.settings.max_per_source is not None and len(synthetic) >= self.settings.max_per_source:
+                        reason = REASON_OVER_CAP
                     if reason:
                         rejections.append({"reason": reason, "detail": f"{len(units)} units: {piece[:40]}"})
                         continue

@@ -110,9 +110,18 @@ def test_rows_resume_from_the_cache_and_collection_drops_cross_source_duplicates
     assert summary.rejections_by_reason == {REASON_DUPLICATE: 1}
 
 
+def test_max_per_source_keeps_the_first_sentences_and_counts_the_rest(llm_stub, tmp_path):
+    llm_stub.answer = lambda request: "第一个新的句子在这里。第二个新的句子在这里。第三个新的句子在这里。"
+    (result,) = _synthesizer(llm_stub, tmp_path, max_per_source=2).synthesize([_with_entities()])
+    assert [s.text for s in result["synthetic"]] == ["第一个新的句子在这里。", "第二个新的句子在这里。"]
+    assert [r["reason"] for r in result["rejections"]] == ["over max_per_source"]
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="continuations"):
         SynthesisSettings(continuations=0)
+    with pytest.raises(ValueError, match="max_per_source"):
+        SynthesisSettings(max_per_source=0)
     with pytest.raises(ValueError, match="min_units"):
         SynthesisSettings(min_units=50, max_units=10)
 
