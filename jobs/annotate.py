@@ -27,7 +27,9 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
 
 from jobs.common import RayConfig, config_arguments, run_main
-from jobs.rowjob import OUTPUT_FORMATS, JobPaths, PoolConfig, check_or_start, count_rows, map_rows_with_actors
+from jobs.rowjob import (
+    OUTPUT_FORMATS, JobPaths, PoolConfig, actor_restarts, check_or_start, count_rows, map_rows_with_actors,
+)
 from knowfree_core.annotation import AnnotatorSpec, BatchAnnotator, collect_output, prepare_input
 from knowfree_core.config import load_structured, structured_to_dict
 from knowfree_core.errors import ConfigError
@@ -153,9 +155,11 @@ def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
     logger.info("%d sentences in %d shards; %d rows already written", prepared.sentences, len(prepared.shards), already)
 
     started = time.perf_counter()
+    restarts = {"actor_starts": 0, "actor_restarts": 0}
     if already < prepared.sentences:
         map_rows_with_actors(prepared.shards, paths, AnnotateActor, {"spec": asdict(spec)}, config.pool,
                              config.ray, config.output_format)
+        restarts = actor_restarts(paths, config.pool)
     wall = time.perf_counter() - started
 
     # collect_output reads every row file anyway: rows on disk = unique rows + duplicates
@@ -172,11 +176,14 @@ def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
         "duplicates_dropped": duplicates,
         "written_this_run": written_now,
         "num_actors": config.pool.num_actors,
+        **restarts,
         "annotator": config.annotator,
         "annotated": str(paths.result),
     }
     paths.summary.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
     print(summary.table())
+    if restarts["actor_restarts"]:
+        print(f"actor restarts       {restarts['actor_restarts']} (their batches were retried)")
     print(f"annotated sentences: {paths.result}")
     return result
 

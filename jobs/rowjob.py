@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -70,6 +72,31 @@ class JobPaths:
     @property
     def summary(self) -> Path:
         return self.root / "summary.json"
+
+    @property
+    def actor_starts(self) -> Path:
+        return self.root / "actor_starts"
+
+
+class CountingActor:
+    """Wraps a pool actor and leaves one file per construction in ``starts_dir``: Ray Data
+    restarts a crashed actor silently, and the files are how a job's summary can say how many
+    restarts (and so batch retries) there were."""
+
+    def __init__(self, actor_cls: Callable[..., Any], actor_kwargs: dict[str, Any], starts_dir: str):
+        Path(starts_dir).mkdir(parents=True, exist_ok=True)
+        (Path(starts_dir) / f"{os.getpid()}-{uuid.uuid4().hex}").touch()
+        self.inner = actor_cls(**actor_kwargs)
+
+    def __call__(self, table):
+        return self.inner(table)
+
+
+def actor_restarts(paths: JobPaths, pool: PoolConfig) -> dict[str, int]:
+    """Actor starts of the last run and the restarts among them (starts beyond the pool size;
+    Ray Data may also start fewer actors than the pool when there is little input)."""
+    starts = len(list(paths.actor_starts.iterdir())) if paths.actor_starts.exists() else 0
+    return {"actor_starts": starts, "actor_restarts": max(0, starts - pool.num_actors)}
 
 
 def check_or_start(paths: JobPaths, state: dict[str, Any], restart: bool, job: str = "annotation") -> None:
@@ -141,9 +168,11 @@ def map_rows_with_actors(
     )
     dataset = ray.data.read_json([str(p) for p in shards], num_cpus=pool.read_cpus)
     dataset = dataset.repartition(pool.blocks or 4 * pool.num_actors)
+    shutil.rmtree(paths.actor_starts, ignore_errors=True)  # count this run's starts only
     dataset = dataset.map_batches(
-        actor,
-        fn_constructor_kwargs=actor_kwargs,
+        CountingActor,
+        fn_constructor_kwargs={"actor_cls": actor, "actor_kwargs": actor_kwargs,
+                               "starts_dir": str(paths.actor_starts)},
         batch_size=pool.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=pool.num_actors),

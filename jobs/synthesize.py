@@ -26,7 +26,9 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
 
 from jobs.common import RayConfig, config_arguments, run_main
-from jobs.rowjob import OUTPUT_FORMATS, JobPaths, PoolConfig, check_or_start, count_rows, map_rows_with_actors
+from jobs.rowjob import (
+    OUTPUT_FORMATS, JobPaths, PoolConfig, actor_restarts, check_or_start, count_rows, map_rows_with_actors,
+)
 from knowfree_core.annotation import collect_output, prepare_input
 from knowfree_core.config import load_structured, structured_to_dict
 from knowfree_core.errors import ConfigError
@@ -187,9 +189,11 @@ def run_synthesis(config: SynthesizeJobConfig) -> dict[str, Any]:
     already = count_rows(paths.rows)
     logger.info("%d source sentences; %d already done", prepared.sentences, already)
     started = time.perf_counter()
+    restarts = {"actor_starts": 0, "actor_restarts": 0}
     if already < prepared.sentences:
         map_rows_with_actors(prepared.shards, paths, SynthesizeActor, actor_kwargs, config.pool, config.ray,
                              config.output_format)
+        restarts = actor_restarts(paths, config.pool)
     summary, duplicates = collect_synthesis(paths.rows, paths.result)
     if summary.sources != prepared.sentences:
         raise RuntimeError(
@@ -198,6 +202,7 @@ def run_synthesis(config: SynthesizeJobConfig) -> dict[str, Any]:
     summary.wall_seconds = time.perf_counter() - started
     result = summary.to_dict() | {
         "duplicate_rows_dropped": duplicates,
+        **restarts,
         "engine": {"kind": config.engine.kind, "model": config.engine.model},
         "synthetic": str(paths.result),
     }
