@@ -28,6 +28,8 @@ class StubRequest:
     authorization: str | None
     #: 1 for the first request with this prompt, 2 for its first retry, ...
     attempt: int = 1
+    #: The client's TCP port on loopback (tests find the client process from it).
+    client_port: int | None = None
 
     @property
     def prompt_text(self) -> str:
@@ -144,8 +146,8 @@ class StubLLMServer:
 
     # --- called by the handler threads -------------------------------------------------
 
-    def _record(self, path: str, body: dict, authorization: str | None) -> StubRequest:
-        request = StubRequest(path=path, body=body, authorization=authorization)
+    def _record(self, path: str, body: dict, authorization: str | None, client_port: int | None = None) -> StubRequest:
+        request = StubRequest(path=path, body=body, authorization=authorization, client_port=client_port)
         with self._lock:
             request.attempt = self._attempts.get(request.prompt_key, 0) + 1
             self._attempts[request.prompt_key] = request.attempt
@@ -198,7 +200,7 @@ def _make_handler(server: StubLLMServer) -> type[BaseHTTPRequestHandler]:
             if not path.endswith(("/chat/completions", "/completions")):
                 self._send(404, {"error": {"message": f"no route {path}", "type": "not_found"}})
                 return
-            request = server._record(path, body, self.headers.get("Authorization"))
+            request = server._record(path, body, self.headers.get("Authorization"), self.client_address[1])
             reply = server.answer(request)
             if isinstance(reply, str):
                 reply = StubReply(text=reply)

@@ -1,0 +1,74 @@
+"""jobs.synthesize on a local Ray cluster against a loopback OpenAI-compatible server: an
+engine actor killed mid-job (SIGKILL, as an OOM kill) costs no source sentence and duplicates
+none, and the summary counts the restart; a rerun does no work; changed settings are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+
+from knowfree_core.errors import ConfigError
+from knowfree_core.formats import write_dataset
+
+pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")
+from jobs.synthesize import load_job_config, run_synthesis  # noqa: E402
+from model_fixtures import tiny_corpus  # noqa: E402
+
+
+def _process_of_client(port: int) -> int | None:
+    """The pid holding the loopback connection whose local port is ``port``."""
+    for connection in psutil.net_connections(kind="tcp"):
+        if connection.laddr and connection.laddr.port == port and connection.pid:
+            return connection.pid
+    return None
+
+
+def _config(tmp_path: Path, base_url: str, *overrides: str):
+    return load_job_config(None, [
+        f"input=[{tmp_path / 'train.jsonl'}]", f"output_dir={tmp_path / 'job'}", "engine.kind=openai",
+        "engine.model=stub", f"engine.base_url={base_url}", "engine.max_retries=0", "engine.max_concurrency=1",
+        "pool.num_actors=1", "pool.cpus_per_actor=0.5", "pool.batch_size=4", *overrides,
+    ])
+
+
+def test_killed_synthesis_actor_loses_and_duplicates_no_source(ray_cluster, llm_stub, tmp_path):
+    sources = tiny_corpus(24, seed=4)
+    write_dataset(sources, tmp_path / "train.jsonl")
+    killed: list[int] = []
+    lock = threading.Lock()
+
+    def answer(request):
+        with lock:
+            # the 10th prompt: kill the actor that sent it, once (the ping check comes first)
+            if not killed and len(llm_stub.requests) >= 10 and request.prompt_text != "ping":
+                pid = _process_of_client(request.client_port)
+                if pid and pid != os.getpid():
+                    killed.append(pid)
+                    os.kill(pid, signal.SIGKILL)
+        return f"续写：{request.prompt_text[-12:-4]}后来发生了很多事情。大家都很高兴。"
+
+    llm_stub.answer = answer
+    summary = run_synthesis(_config(tmp_path, llm_stub.base_url))
+    assert killed, "the actor was supposed to be killed once"
+    assert summary["sources"] == len(sources) and summary["duplicate_rows_dropped"] == 0
+    assert summary["actor_restarts"] >= 1
+    rows = [json.loads(line) for path in (tmp_path / "job" / "rows").glob("*.json")
+            for line in path.read_text(encoding="utf-8").splitlines()]
+    assert sorted(row["id"] for row in rows) == sorted(s.id for s in sources)  # each source exactly once
+    synthetic = [json.loads(line) for line in (tmp_path / "job" / "synthetic.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert synthetic and all(record["synthetic"] for record in synthetic)
+    assert {record["id"].split("#syn")[0] for record in synthetic} <= {s.id for s in sources}
+
+    # the same command again: nothing is asked (only the access check), the output is kept
+    asked = len(llm_stub.requests)
+    again = run_synthesis(_config(tmp_path, llm_stub.base_url))
+    assert again["synthetic_sentences"] == summary["synthetic_sentences"]
+    assert [r.prompt_text for r in llm_stub.requests[asked:]] == ["ping"]
+    with pytest.raises(ConfigError, match="generation.temperature"):
+        run_synthesis(_config(tmp_path, llm_stub.base_url, "generation.temperature=0.2"))
