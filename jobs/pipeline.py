@@ -145,6 +145,8 @@ def _stage_config(schema: type, settings: Dict[str, Any], **fixed: Any):
 
 
 def _train_remote(config: KnowFreeConfig) -> dict:
+    # A Ray worker's root logger stays at WARNING: let the run's train.log get the epoch lines.
+    logging.getLogger("knowfree_core").setLevel(logging.INFO)
     return run_training(config, progress=False).metrics
 
 

@@ -103,6 +103,9 @@ class TrainConfig:
     # Choose the best epoch by dev F1 at each epoch's best candidate threshold instead of at
     # model.threshold (few-shot runs, whose early epochs predict nothing at 0.5).
     select_on_thresholds: bool = False
+    # Score dev every this many epochs (and after the last): on a CPU, dev evaluation can cost
+    # more than a few-shot epoch's training.
+    eval_every: int = 1
 
 
 @dataclass

@@ -337,7 +337,10 @@ def fit(
             seconds=time.perf_counter() - started,
             peak_rss_mib=peak_rss_mib(),
         )
-        if has_dev:
+        # An epoch between evaluations (train.eval_every) is never the best one: the kept
+        # model is always one that was scored on dev. The last epoch is always evaluated.
+        evaluate_now = epoch % max(1, config.eval_every) == 0 or epoch == config.epochs
+        if has_dev and evaluate_now:
             scores = None
             if ctx.is_main and config.select_on_thresholds and config.threshold_candidates:
                 # Few-shot models are shy: at 0.5 every epoch may score 0 and the first one
@@ -357,7 +360,7 @@ def fit(
                 epochs_without_gain = 0
             else:
                 epochs_without_gain += 1
-        else:
+        elif not has_dev:
             best_epoch, report.is_best = epoch, True
         report.best_dev_f1, report.best_epoch = best_f1, best_epoch
         history.append(report)

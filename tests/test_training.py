@@ -85,3 +85,11 @@ def test_select_on_thresholds_judges_each_epoch_at_its_best_dev_threshold(encode
     plain = fit(_model(encoder_dir, train), train, dev, TrainConfig(epochs=1, batch_size=4, device="cpu"),
                 progress=False)
     assert plain.history[0].dev_threshold is None
+
+
+def test_eval_every_scores_dev_on_schedule_and_after_the_last_epoch(encoder_dir):
+    train, dev = tiny_corpus(12, seed=1), tiny_corpus(4, seed=2, prefix="d", with_extensions=False)
+    config = TrainConfig(epochs=3, batch_size=4, encoder_lr=1e-3, head_lr=3e-3, device="cpu", eval_every=2)
+    result = fit(_model(encoder_dir, train), train, dev, config, progress=False)
+    assert [report.dev_f1 is not None for report in result.history] == [False, True, True]
+    assert result.best_epoch in (2, 3)
