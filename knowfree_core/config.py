@@ -40,6 +40,10 @@ class DataConfig:
     extension_sources: List[str] = field(default_factory=list)
     # Extension labels seen fewer times than this in training are dropped.
     min_extension_count: int = 1
+    # Training sentences longer than this (units) are left out, counted in the log: without
+    # model.max_span_length the span grid grows with L², and one 5,000-character line would
+    # need tens of GB. Evaluation keeps every sentence. None: no limit.
+    max_train_units: Optional[int] = 1000
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 from .annotators import apply_annotations, get_annotator
 from .config import KnowFreeConfig, config_to_dict, load_config, save_config
-from .errors import ConfigError
+from .errors import ConfigError, DataFormatError
 from .formats import read_dataset, write_dataset
 from .labels import LabelVocab
 from .model.knowfree import KnowFreeModel
@@ -174,6 +174,16 @@ def prepare_data(config: KnowFreeConfig, run_dir: Path, has_checkpoint: Optional
     writes config.yaml and train_data.jsonl to ``run_dir``. Resolves ``encoder.unit_mode``.
     A run folder whose checkpoint came from another configuration is refused."""
     train = select_training_sentences(config, load_split(config, config.data.train))
+    if not train:
+        raise DataFormatError(str(config.data.train), None, "no training sentences", "at least one sentence")
+    limit = config.data.max_train_units
+    too_long = [s for s in train if limit is not None and len(s) > limit]
+    if too_long:
+        logger.warning(
+            "%s: %d training sentence(s) longer than data.max_train_units=%d left out (e.g. %s, %d units)",
+            config.data.train, len(too_long), limit, too_long[0].id, len(too_long[0]),
+        )
+        train = [s for s in train if limit is None or len(s) <= limit]
     dev = load_split(config, config.data.dev)
     test = load_split(config, config.data.test)
     if config.encoder.unit_mode == "auto":

@@ -149,7 +149,7 @@ def read_dataset_with_report(
     _check_options(reader, options, name)
     report = ReadReport()
     sentences = reader(path, report=report, **options)
-    if report.repairs or report.position_digit_anomalies:
+    if report.repairs or report.position_digit_anomalies or report.empty_sentences:
         logger.warning("%s", report.summary())
     return sentences, report
 

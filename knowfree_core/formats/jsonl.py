@@ -62,6 +62,15 @@ def parse_record(record: Any, path: str, line: int | None) -> Sentence:
     return sentence
 
 
+def _keep(sentence: Sentence, where: str, sentences: list[Sentence], report: ReadReport) -> None:
+    if len(sentence) == 0:
+        report.empty_sentences += 1
+        if len(report.empty_examples) < 3:
+            report.empty_examples.append(where)
+        return
+    sentences.append(sentence)
+
+
 def read_jsonl(path: str | Path, *, report: ReadReport | None = None) -> list[Sentence]:
     """Read sentences written by ``write_jsonl`` (blank lines are skipped)."""
     path = str(path)
@@ -78,9 +87,10 @@ def read_jsonl(path: str | Path, *, report: ReadReport | None = None) -> list[Se
         # An array gives no line per record, so errors name the record instead.
         for index, record in enumerate(records):
             try:
-                sentences.append(parse_record(record, path, None))
+                sentence = parse_record(record, path, None)
             except DataFormatError as err:
                 raise DataFormatError(path, None, f"record {index}: {err.problem}", err.expected) from None
+            _keep(sentence, f"{path}: record {index}", sentences, report)
     else:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -89,7 +99,7 @@ def read_jsonl(path: str | Path, *, report: ReadReport | None = None) -> list[Se
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataFormatError(path, number, f"invalid JSON at column {err.colno}: {err.msg}", _EXPECTED) from None
-            sentences.append(parse_record(record, path, number))
+            _keep(parse_record(record, path, number), f"{path}:{number}", sentences, report)
     report.sentences = len(sentences)
     report.spans = sum(len(s.spans) for s in sentences)
     return sentences

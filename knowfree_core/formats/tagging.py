@@ -56,6 +56,10 @@ class ReadReport:
     skipped_lines: int = 0  # -DOCSTART-, comments, multiword tokens, empty nodes
     position_digits_stripped: bool = False
     position_digit_anomalies: int = 0
+    #: Records without a single unit (JSONL ``"text": ""``): nothing to learn or score, and a
+    #: zero-length grid breaks batching, so readers drop them and count them here.
+    empty_sentences: int = 0
+    empty_examples: list[str] = field(default_factory=list)
 
     def note_repair(self, where: str, problem: str) -> None:
         self.repairs += 1
@@ -70,6 +74,8 @@ class ReadReport:
             text += f", {self.repairs} broken tag sequence(s) repaired (e.g. {self.repair_examples[0]})"
         if self.position_digit_anomalies:
             text += f", {self.position_digit_anomalies} unexpected position digit(s)"
+        if self.empty_sentences:
+            text += f", {self.empty_sentences} empty sentence(s) skipped (e.g. {self.empty_examples[0]})"
         return text
 
 

@@ -1,0 +1,104 @@
+"""The malformed-input corpus in tests/fixtures/bad_input/: every file gets a clear error naming
+the file and line, or a documented repair that is counted and reported (README, "Reliability")."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import yaml
+
+from knowfree_core.errors import DataFormatError, KnowFreeError
+from knowfree_core.formats import read_dataset, read_dataset_with_report
+
+BAD = Path(__file__).parent / "fixtures" / "bad_input"
+
+
+@pytest.mark.parametrize("name, where", [
+    ("missing_column.conll", "missing_column.conll:2"),
+    ("non_utf8.conll", "non_utf8.conll:2"),
+    ("span_out_of_range.jsonl", "span_out_of_range.jsonl:1"),
+])
+def test_errors_name_the_file_and_line(name, where):
+    with pytest.raises(DataFormatError) as caught:
+        read_dataset(BAD / name)
+    assert where in str(caught.value) and "expected" in str(caught.value)
+
+
+@pytest.mark.parametrize("name, spans, repairs", [
+    # I- without B- opens a span; a BIO sentence next to a BIOES one is read as BIOES, the
+    # unclosed B- span closed at the sentence end: both counted as repairs
+    ("i_without_b.conll", [[(0, 2, "PER"), (3, 5, "LOC")]], 1),
+    ("mixed_schemes.conll", [[(0, 2, "PER")], [(0, 1, "PER"), (1, 3, "LOC")]], 1),
+    ("crlf.conll", [[(0, 2, "PER")], [(0, 2, "LOC")]], 0),
+])
+def test_repairs_are_counted_and_reported(name, spans, repairs, caplog):
+    with caplog.at_level(logging.WARNING, logger="knowfree_core.formats"):
+        sentences, report = read_dataset_with_report(BAD / name)
+    assert [[(s.start, s.end, s.label) for s in x.spans] for x in sentences] == spans
+    assert report.repairs == repairs
+    if repairs:
+        assert f"{repairs} broken tag sequence(s) repaired" in caplog.text and name in caplog.text
+
+
+def test_empty_sentences_are_skipped_and_counted(caplog):
+    with caplog.at_level(logging.WARNING, logger="knowfree_core.formats"):
+        sentences, report = read_dataset_with_report(BAD / "empty_sentence.jsonl")
+    assert [s.id for s in sentences] == ["a"] and report.empty_sentences == 1
+    assert "1 empty sentence(s) skipped (e.g. " in caplog.text and "empty_sentence.jsonl:2" in caplog.text
+
+
+def _train_config(tmp_path: Path, train_file: Path) -> Path:
+    from model_fixtures import tiny_run_config
+
+    config = tiny_run_config(tmp_path, epochs=1, num_threads=1)
+    config["data"]["train"] = str(train_file)
+    config["output_dir"] = str(tmp_path / "run")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def test_an_empty_training_file_is_a_clear_error(tmp_path, capsys):
+    from knowfree_core.cli import main
+
+    assert main(["train", "--config", str(_train_config(tmp_path, BAD / "empty_file.conll")), "--quiet"]) == 2
+    assert "empty_file.conll: no training sentences" in capsys.readouterr().err
+
+
+def test_a_5000_character_training_sentence_is_left_out_and_counted(tmp_path, caplog):
+    from knowfree_core.config import load_config
+    from knowfree_core.formats import write_dataset
+    from knowfree_core.run import run_training
+    from model_fixtures import tiny_corpus
+
+    train_file = tmp_path / "train_with_long.jsonl"
+    write_dataset(tiny_corpus(8, seed=1) + read_dataset(BAD / "long_sentence.jsonl"), train_file)
+    config = load_config(_train_config(tmp_path, train_file))
+    with caplog.at_level(logging.WARNING, logger="knowfree_core.run"):
+        summary = run_training(config, progress=False)
+    assert "1 training sentence(s) longer than data.max_train_units=1000 left out (e.g. long, 5000 units)" in caplog.text
+    assert "long" not in {s.id for s in read_dataset(summary.run_dir / "train_data.jsonl")}
+
+
+def test_labels_unknown_to_the_model_at_evaluation_are_named(tmp_path, caplog):
+    from knowfree_core.cli import main
+    from model_fixtures import build_tiny_model, make_random_encoder, tiny_corpus
+
+    model = build_tiny_model(make_random_encoder(tmp_path / "encoder"), tiny_corpus(6, seed=1))
+    model.save_pretrained(tmp_path / "model")
+    with caplog.at_level(logging.WARNING):
+        code = main(["evaluate", "--model", str(tmp_path / "model"), "--data", str(BAD / "unknown_label_dev.conll"),
+                     "--quiet"])
+    assert code == 0
+    assert "labels the model does not know (scored as misses): GPE" in caplog.text
+
+
+def test_the_corpus_is_complete():
+    """Each kind of bad input the README lists has its file here."""
+    assert {p.name for p in BAD.iterdir()} >= {
+        "missing_column.conll", "non_utf8.conll", "span_out_of_range.jsonl", "i_without_b.conll",
+        "mixed_schemes.conll", "crlf.conll", "empty_sentence.jsonl", "empty_file.conll", "long_sentence.jsonl",
+        "unknown_label_dev.conll"}
+    assert issubclass(DataFormatError, KnowFreeError)
