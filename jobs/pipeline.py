@@ -204,7 +204,8 @@ class Cell:
         base = self.train_config
         # The training file already holds the subset and its extension labels: no sampling,
         # no annotators here.
-        data = replace(base.data, train=str(training_file), subset_size=None, k_shot=None, annotators=[])
+        data = replace(base.data, train=str(training_file), subset_size=None, k_shot=None, annotators=[],
+                       **self._jsonl_eval_splits(base))
         model = base.model
         if variant in ("noext", "biaffine"):
             model = replace(model, use_extension_labels=False, use_local_attention=variant != "biaffine")
@@ -215,6 +216,22 @@ class Cell:
         resources = self.config.train_resources
         task = ray.remote(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus or None)(_train_remote)
         return ray.get(task.remote(final))
+
+    def _jsonl_eval_splits(self, base: KnowFreeConfig) -> dict[str, Any]:
+        """The training file is always this cell's JSONL; when the config reads its splits with
+        a format or reader options (CoNLL-U ``task: pos``), dev and test get JSONL copies in the
+        cell too, so that one format (jsonl, no options) reads every split."""
+        if not base.data.format and not base.data.read_options:
+            return {}
+        copies: dict[str, Any] = {"format": None, "read_options": {}}
+        for split in ("dev", "test"):
+            source = getattr(base.data, split)
+            if source:
+                target = self.root / f"{split}.jsonl"
+                if not target.exists():
+                    write_dataset(load_split(base, source), target)
+                copies[split] = str(target)
+        return copies
 
     def synthetic(self, fused: Path, f_model: Path) -> Path:
         """Pipeline 2: synthetic sentences labelled by the F model, with extension labels

@@ -14,6 +14,7 @@ so tests can count requests and check that the key was sent.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -56,6 +57,8 @@ class StubReply:
     finish_reason: str = "stop"
     #: Error replies default to ``retry-after-ms: 10`` so client retries are fast in tests.
     headers: dict[str, str] = field(default_factory=dict)
+    #: Close the connection without any response (a crashed or restarted server).
+    drop_connection: bool = False
 
 
 Answer = Union[str, StubReply]
@@ -206,6 +209,10 @@ def _make_handler(server: StubLLMServer) -> type[BaseHTTPRequestHandler]:
                 reply = StubReply(text=reply)
             if reply.delay_s:
                 time.sleep(reply.delay_s)
+            if reply.drop_connection:
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             if reply.status != 200:
                 headers = {"retry-after-ms": "10", **reply.headers}
                 error = {"error": {"message": reply.text or f"stub error {reply.status}", "type": "server_error",

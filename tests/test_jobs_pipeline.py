@@ -160,3 +160,22 @@ def test_ablation_training_files_leave_out_the_named_extension_sources(tmp_path)
     assert sources("F-nomerge")[0] == tmp_path / "annotate" / "annotated.jsonl"
     assert sources("F-cnn")[0] == tmp_path / "merge" / "merged.jsonl"
     assert ABLATIONS["F-cnn"][2] == {"grid_mixer": "cnn"}
+
+
+def test_splits_read_with_reader_options_get_jsonl_copies_for_training(tmp_path):
+    """A CoNLL-U POS dataset (read_options task=pos): the cell trains on its own JSONL, so dev
+    and test are copied to JSONL too and every split is read with one format."""
+    from jobs.pipeline import Cell
+    from knowfree_core.config import load_config
+
+    fixtures = Path(__file__).parent / "fixtures"
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump({
+        "data": {"train": str(fixtures / "tiny.conllu"), "dev": str(fixtures / "tiny.conllu"),
+                 "test": str(fixtures / "tiny.conllu"), "format": "conllu", "read_options": {"task": "pos"}}}))
+    config = load_structured(PipelineConfig, None, [f"train_config={tmp_path / 'train.yaml'}", f"output_dir={tmp_path}"])
+    cell = Cell(config, load_config(tmp_path / "train.yaml"), tmp_path)
+    copies = cell._jsonl_eval_splits(cell.train_config)
+    assert copies["format"] is None and copies["read_options"] == {}
+    expected = read_dataset(fixtures / "tiny.conllu", format="conllu", task="pos")
+    assert [s.spans for s in read_dataset(copies["dev"])] == [s.spans for s in expected]
+    assert cell._jsonl_eval_splits(load_config(None, [f"data.train={fixtures / 'tiny.jsonl'}"])) == {}

@@ -105,6 +105,24 @@ def test_openai_timeout_is_an_error(llm_stub):
     assert completions[1].text == "quick"
 
 
+def test_openai_dropped_connections_are_retried_then_an_error_never_a_hang(llm_stub):
+    def answer(request):
+        if request.prompt_text == "flaky" and request.attempt <= 2:
+            return StubReply(drop_connection=True)
+        if request.prompt_text == "dead":
+            return StubReply(drop_connection=True)
+        return f"ok {request.prompt_text}"
+
+    llm_stub.answer = answer
+    engine = openai_engine(llm_stub, max_retries=2, timeout_s=5)
+    started = time.monotonic()
+    flaky, dead, fine = engine.generate([chat("flaky"), chat("dead"), chat("fine")], GREEDY)
+    assert time.monotonic() - started < 15
+    assert flaky.text == "ok flaky" and fine.text == "ok fine"
+    assert not dead.ok and dead.error.startswith("APIConnectionError")
+    assert sum(r.prompt_text == "dead" for r in llm_stub.requests) == 3  # 1 + max_retries
+
+
 def test_openai_connection_refused_is_an_error():
     config = EngineConfig(kind="openai", model="m", base_url="http://127.0.0.1:9/v1", api_key_env="KNOWFREE_UNSET",
                           max_retries=0, timeout_s=2.0)

@@ -1,0 +1,411 @@
+"""The paper-table harness: test F1 of a grid (dataset × subset size or k × variant × seed) run
+through ``jobs.pipeline``, tabulated like the paper's Table 1 / Table 2 with the published
+figure beside each cell.
+
+    python bench/quality.py --config bench/quality.yaml                        # run what is missing
+    python bench/quality.py --config bench/quality.yaml --only dataset=weibo,setting=n250
+    python bench/quality.py --config bench/quality.yaml --dry-run              # list what would run
+    python bench/quality.py --config bench/quality.yaml --table-only           # table from the results
+
+Run it from the repository root (the configs' relative paths are relative to it). Each cell
+(dataset, setting, seed) is one ``jobs.pipeline.Cell`` in ``<runs_dir>/<dataset>/<n250-seed1>/``;
+every finished (dataset, setting, variant, seed) becomes one JSON line in the results file
+(``bench/quality_results.jsonl``, meant to be committed). A rerun skips what the results file
+holds, and inside an interrupted cell the pipeline's own stage skipping continues where it stopped.
+
+``--only`` takes ``key=value`` pairs (keys: dataset, setting, variant, seed), comma-separated;
+pairs with the same key are alternatives: ``--only dataset=weibo,dataset=msra,seed=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import statistics
+import sys
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+import yaml
+from omegaconf import MISSING
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # bench/ is not a package: find jobs/ and knowfree_core/ from here
+
+from jobs.common import RayConfig, init_ray, run_main  # noqa: E402
+from jobs.pipeline import (  # noqa: E402
+    VARIANTS,
+    Cell,
+    GridConfig,
+    PipelineConfig,
+    SynthesisStage,
+    TrainResources,
+    _cells,
+)
+from knowfree_core.config import load_config, load_structured  # noqa: E402
+from knowfree_core.errors import ConfigError  # noqa: E402
+
+logger = logging.getLogger("bench.quality")
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+@dataclass
+class DatasetEntry:
+    """One registered dataset: the pipeline settings of its cells and its grid."""
+
+    #: The ``knowfree train`` config (data paths, encoder, model, train); paths from the repo root.
+    train_config: str = MISSING
+    #: The paper's column name (Weibo, UD, MSR, ...); None: no paper figure to compare with.
+    paper_name: Optional[str] = None
+    train_overrides: List[str] = field(default_factory=list)
+    annotate: Dict[str, Any] = field(default_factory=dict)
+    merge: Dict[str, Any] = field(default_factory=dict)
+    merge_labels: bool = True
+    synthesis: SynthesisStage = field(default_factory=SynthesisStage)
+    train_resources: TrainResources = field(default_factory=TrainResources)
+    # One grid, as jobs.pipeline's ``grid`` section ...
+    subset_sizes: List[int] = field(default_factory=list)
+    k_shot: List[int] = field(default_factory=list)
+    seeds: List[int] = field(default_factory=list)
+    variants: List[str] = field(default_factory=list)
+    #: ... or several, when seeds or variants differ between sizes (then leave the four above empty).
+    grids: List[GridConfig] = field(default_factory=list)
+
+
+@dataclass
+class QualityConfig:
+    datasets: Dict[str, DatasetEntry] = field(default_factory=dict)
+    results: str = "bench/quality_results.jsonl"
+    runs_dir: str = "runs/quality"
+    paper_results: str = "bench/paper_results.yaml"
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def dataset_grids(name: str, entry: DatasetEntry) -> list[GridConfig]:
+    flat = GridConfig(k_shot=list(entry.k_shot), subset_sizes=list(entry.subset_sizes),
+                      seeds=list(entry.seeds), variants=list(entry.variants))
+    if entry.grids and flat != GridConfig():
+        raise ConfigError(f"datasets.{name}: give grids or subset_sizes/k_shot/seeds/variants, not both")
+    grids = list(entry.grids) or [flat]
+    for grid in grids:
+        if not grid.variants:
+            raise ConfigError(f"datasets.{name}: a grid without variants")
+        unknown = [v for v in grid.variants if v not in VARIANTS]
+        if unknown:
+            raise ConfigError(f"datasets.{name}: unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+        if not (grid.k_shot or grid.subset_sizes):
+            raise ConfigError(f"datasets.{name}: a grid needs subset_sizes or k_shot")
+    return grids
+
+
+def pipeline_config(entry: DatasetEntry, grid: GridConfig, output_dir: Path, ray: RayConfig) -> PipelineConfig:
+    return PipelineConfig(
+        train_config=entry.train_config, train_overrides=list(entry.train_overrides), output_dir=str(output_dir),
+        annotate=dict(entry.annotate), merge=dict(entry.merge), merge_labels=entry.merge_labels,
+        synthesis=entry.synthesis, grid=grid, train_resources=entry.train_resources, ray=ray,
+    )
+
+
+# -- the grid and what is left of it --------------------------------------------------------
+
+Selection = Dict[str, set]
+SELECTION_KEYS = ("dataset", "setting", "variant", "seed")
+
+
+def parse_selection(text: Optional[str]) -> Selection:
+    """``dataset=weibo,setting=n250`` → {"dataset": {"weibo"}, "setting": {"n250"}}."""
+    selection: Selection = {}
+    for pair in filter(None, (text or "").split(",")):
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or key not in SELECTION_KEYS:
+            raise ConfigError(f"--only: expected KEY=VALUE with KEY one of {', '.join(SELECTION_KEYS)}, got {pair!r}")
+        selection.setdefault(key, set()).add(value.strip())
+    return selection
+
+
+def selected(selection: Selection, **fields: Any) -> bool:
+    """Whether the fields given pass the selection (keys not given are not judged)."""
+    return all(str(fields[key]) in values for key, values in selection.items() if key in fields)
+
+
+@dataclass
+class PlannedCell:
+    """One pipeline cell of the grid and the variants it still has to run."""
+
+    dataset: str
+    name: str  # the cell's folder, as jobs.pipeline names it: n250-seed1, k5-seed2
+    setting: str  # n250, k5
+    seed: int
+    variants: List[str]
+    overrides: List[str]  # the train-config overrides of this cell (subset and seeds)
+    pipeline: PipelineConfig
+
+    @property
+    def root(self) -> Path:
+        return Path(self.pipeline.output_dir) / self.name
+
+
+def split_cell_name(name: str) -> tuple[str, int]:
+    setting, _, seed = name.rpartition("-seed")
+    return setting, int(seed)
+
+
+def plan_cells(config: QualityConfig, selection: Selection) -> list[PlannedCell]:
+    """Every selected cell of every registered dataset, with all its selected variants."""
+    cells = []
+    for dataset, entry in config.datasets.items():
+        if not selected(selection, dataset=dataset):
+            continue
+        for grid in dataset_grids(dataset, entry):
+            pipeline = pipeline_config(entry, grid, Path(config.runs_dir) / dataset, config.ray)
+            for name, overrides in _cells(pipeline):
+                setting, seed = split_cell_name(name)
+                variants = [v for v in grid.variants if selected(selection, variant=v)]
+                if variants and selected(selection, setting=setting, seed=seed):
+                    cells.append(PlannedCell(dataset, name, setting, seed, variants, overrides, pipeline))
+    return cells
+
+
+def result_key(record: dict) -> tuple[str, str, str, int]:
+    return record["dataset"], record["setting"], record["variant"], int(record["seed"])
+
+
+def pending_cells(cells: Iterable[PlannedCell], results: Iterable[dict]) -> list[PlannedCell]:
+    """The cells that still miss a variant, each narrowed to the variants it misses."""
+    done = {result_key(r) for r in results}
+    pending = []
+    for cell in cells:
+        missing = [v for v in cell.variants if (cell.dataset, cell.setting, v, cell.seed) not in done]
+        if missing:
+            pending.append(replace(cell, variants=missing))
+    return pending
+
+
+# -- the results file -----------------------------------------------------------------------
+
+
+def read_results(path: str | Path) -> list[dict]:
+    """The results file's records, oldest first; no file: none yet."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            # A run killed while appending leaves a torn last line: that cell simply runs again.
+            logger.warning("%s:%d is not a JSON record; ignored", path, number)
+    return records
+
+
+def append_result(path: str | Path, record: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as out:
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def machine_description() -> str:
+    """The machine of this process (on a local Ray cluster also the one that trained)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}; {platform.platform()}"
+    return f"{platform.platform()}, {os.cpu_count()} CPUs"
+
+
+def result_record(cell: PlannedCell, variant: str, score: dict, machine: str, command: str) -> dict:
+    dev, test = score.get("dev") or {}, score.get("test") or {}
+    engine = cell.pipeline.synthesis.engine
+    return {
+        "dataset": cell.dataset, "setting": cell.setting, "variant": variant, "seed": cell.seed,
+        "dev_f1": dev.get("f1"),
+        "test_precision": test.get("precision"), "test_recall": test.get("recall"), "test_f1": test.get("f1"),
+        "train_sentences": score.get("train_sentences"), "best_epoch": score.get("best_epoch"),
+        # FS quality depends on the LLM that wrote the synthetic sentences.
+        "synthesis_engine": f"{engine.kind} {engine.model}" if variant == "FS" else None,
+        "run_dir": str(cell.root), "machine": machine,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
+    }
+
+
+# -- the paper's figures and the table ------------------------------------------------------
+
+#: Which rows of bench/paper_results.yaml a variant is compared with: (table, row).
+PAPER_ROWS: dict[str, tuple[tuple[str, str], ...]] = {
+    "biaffine": (("table1_many_shot", "BiaffineNER"), ("table3_ablations", "w/o local attn & L.E.A.")),
+    "F": (("table1_many_shot", "KnowFREE-F (ChatGLM3-6B)"),),
+    "FS": (("table1_many_shot", "KnowFREE-FS (ChatGLM3-6B)"), ("table2_few_shot", "Ours")),
+    "noext": (("table3_ablations", "w/o L.E.A."),),
+    "F-noent": (("table3_ablations", "w/o entity"),),
+    "F-nopos": (("table3_ablations", "w/o pos"),),
+    "F-nomerge": (("table3_ablations", "w/o S.L."),),
+    "F-cnn": (("table3_ablations", "w/o local attn w cnn"),),
+}
+TABLE_TAGS = {"table1_many_shot": "T1", "table2_few_shot": "T2", "table3_ablations": "T3"}
+#: Table rows: baselines, then ablations, then the full methods, as in the paper's tables.
+ROW_ORDER = ("biaffine", "noext", "F-noent", "F-nopos", "F-nomerge", "F-cnn", "F", "FS")
+
+
+def parse_setting(setting: str) -> tuple[str, int]:
+    """``n250`` → ("n", 250) (many-shot subset size), ``k5`` → ("k", 5) (k-shot)."""
+    return setting[0], int(setting[1:])
+
+
+def _paper_value(table: str, cells: Any, kind: str, number: int) -> Optional[str]:
+    """One figure of one table for one dataset (``cells``): each table covers its own settings."""
+    if cells is None:
+        return None
+    if table == "table1_many_shot" and kind == "n":
+        value = cells.get(number)
+        return None if value is None else f"{value:.2f}"
+    if table == "table2_few_shot" and kind == "k":
+        value = cells.get(number)
+        return None if value is None else f"{value['mean']:.2f} ± {value['std']:.2f}"
+    if table == "table3_ablations" and kind == "n" and number == 1000:  # Table 3 is at 1000 only
+        return f"{cells:.2f}"
+    return None
+
+
+def paper_figures(paper: dict, paper_name: Optional[str], setting: str, variant: str) -> list[tuple[str, str]]:
+    """The published figures for one cell: (table tag, figure) per table that has one."""
+    if not paper_name:
+        return []
+    kind, number = parse_setting(setting)
+    figures = []
+    for table, row in PAPER_ROWS.get(variant, ()):
+        cells = (paper.get(table) or {}).get("rows", {}).get(row, {}).get(paper_name)
+        value = _paper_value(table, cells, kind, number)
+        if value is not None:
+            figures.append((TABLE_TAGS[table], value))
+    return figures
+
+
+def format_cell(f1_values: list[float], figures: list[tuple[str, str]]) -> str:
+    """``46.3 ± 0.9 (3) · paper 66.76``: test F1 in percent over the seeds, then the paper's."""
+    if not f1_values:
+        text = "–"
+    elif len(f1_values) == 1:
+        text = f"{100 * f1_values[0]:.1f} (1)"
+    else:
+        text = f"{100 * statistics.fmean(f1_values):.1f} ± {100 * statistics.stdev(f1_values):.1f} ({len(f1_values)})"
+    if len(figures) == 1:
+        text += f" · paper {figures[0][1]}"
+    elif figures:  # e.g. biaffine at 1000 is both BiaffineNER (T1) and an ablation (T3)
+        text += " · paper " + ", ".join(f"{value} ({tag})" for tag, value in figures)
+    return text
+
+
+def latest_results(results: Iterable[dict]) -> dict[tuple, dict]:
+    """One record per (dataset, setting, variant, seed): the last one written wins."""
+    return {result_key(r): r for r in results}
+
+
+def quality_table(results: Iterable[dict], paper: dict, paper_names: Dict[str, Optional[str]]) -> str:
+    """Markdown: one row per variant, one column per dataset × setting (datasets in the order
+    of ``paper_names``, i.e. the config, then any others in the results); each cell test F1
+    mean ± std (n seeds) with the paper's figure for the same cell."""
+    latest = latest_results(results)
+    order = {name: index for index, name in enumerate(paper_names)}
+    columns = sorted({(d, s) for d, s, _, _ in latest},
+                     key=lambda c: (order.get(c[0], len(order)), c[0], parse_setting(c[1])))  # k before n
+    present = {v for _, _, v, _ in latest}
+    rows = [v for v in ROW_ORDER if v in present] + sorted(present - set(ROW_ORDER))
+    titles = [f"{paper_names.get(d) or d} {s}" for d, s in columns]
+    lines = ["| variant | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(columns)]
+    for variant in rows:
+        cells = []
+        for dataset, setting in columns:
+            values = [r["test_f1"] for (d, s, v, _), r in sorted(latest.items())
+                      if (d, s, v) == (dataset, setting, variant) and r.get("test_f1") is not None]
+            figures = paper_figures(paper, paper_names.get(dataset), setting, variant) if values else []
+            cells.append(format_cell(values, figures))
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+CAPTION = ("Test F1 (%), mean ± std over seeds (n seeds); \"paper\": the published figure for the same "
+           "cell (T1/T2/T3: Tables 1, 2, 3 of Lai et al.; bench/paper_results.yaml).")
+
+
+# -- running --------------------------------------------------------------------------------
+
+
+def run_cells(cells: list[PlannedCell], results_path: str | Path, command: str, ray: RayConfig) -> int:
+    """Run each pending cell's variants and append each variant's record as it finishes."""
+    if not cells:
+        return 0
+    init_ray(ray, min_cpus=max(c.pipeline.train_resources.num_cpus for c in cells))
+    machine = machine_description()
+    for cell in cells:
+        # Splits read with reader options (CoNLL-U task=pos) work as they are: the pipeline's
+        # Cell gives dev and test JSONL copies next to its own JSONL training file.
+        overrides = list(cell.pipeline.train_overrides) + list(cell.overrides)
+        train_config = load_config(cell.pipeline.train_config, overrides)
+        logger.info("cell %s/%s: %s", cell.dataset, cell.name, ", ".join(cell.variants))
+        scores = Cell(cell.pipeline, train_config, cell.root).run(list(cell.variants))
+        for variant in cell.variants:  # F comes with FS: only the variants asked for are recorded
+            append_result(results_path, result_record(cell, variant, scores[variant], machine, command))
+    return len(cells)
+
+
+def check_train_configs(cells: list[PlannedCell]) -> None:
+    """Load every cell's train config (cheap, no data read): a bad override fails now, not hours in."""
+    for cell in cells:
+        load_config(cell.pipeline.train_config, list(cell.pipeline.train_overrides) + list(cell.overrides))
+
+
+def describe_cells(cells: list[PlannedCell]) -> str:
+    return "\n".join(f"{c.dataset} {c.name}: {', '.join(c.variants)}  ({c.root})" for c in cells)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="the paper-table harness: run the grid, print Table 1/2")
+    parser.add_argument("--config", default="bench/quality.yaml", help="harness config (datasets and grids)")
+    parser.add_argument("--only", help="e.g. dataset=weibo,setting=n250 (keys: dataset, setting, variant, seed)")
+    parser.add_argument("--results", help="results file (default: the config's results)")
+    parser.add_argument("--dry-run", action="store_true", help="list the cells that would run; run nothing")
+    parser.add_argument("--table-only", action="store_true", help="print the table from the results file")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+
+    config: QualityConfig = load_structured(QualityConfig, args.config)
+    selection = parse_selection(args.only)
+    results_path = args.results or config.results
+    cells = plan_cells(config, selection)  # also checks every dataset's grid
+    if not args.table_only:
+        pending = pending_cells(cells, read_results(results_path))
+        if args.dry_run:
+            check_train_configs(pending)
+            print(describe_cells(pending) or "nothing to run")
+            print(f"{len(pending)} of {len(cells)} cells to run; results in {results_path}")
+            return 0
+        run_cells(pending, results_path, shlex.join(["python", "bench/quality.py", *argv]), config.ray)
+
+    results = [r for r in read_results(results_path)
+               if selected(selection, dataset=r["dataset"], setting=r["setting"], variant=r["variant"], seed=r["seed"])]
+    paper = yaml.safe_load(Path(config.paper_results).read_text(encoding="utf-8")) or {}
+    if not results:
+        print(f"no results in {results_path} yet")
+        return 0
+    print(CAPTION)
+    print()
+    print(quality_table(results, paper, {name: entry.paper_name for name, entry in config.datasets.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))
