@@ -92,7 +92,7 @@ def _settings_that_change_results(config: AnnotateJobConfig) -> dict[str, Any]:
     settings = structured_to_dict(config)
     llm = settings["llm"]
     # Concurrency, timeouts and the cache location change how fast, not what is computed.
-    for key in ("max_concurrency", "max_retries", "timeout_s", "api_key_env", "base_url"):
+    for key in ("max_concurrency", "max_retries", "timeout_s", "api_key_env", "api_key_file", "base_url"):
         llm["engine"].pop(key, None)
     llm.pop("cache", None)
     return {k: settings[k] for k in ("annotator", "annotator_options", "steps", "max_units", "joiner", "read_options")} | (

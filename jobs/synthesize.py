@@ -130,7 +130,7 @@ def label_schema():
 
 def _settings_that_change_results(config: SynthesizeJobConfig) -> dict[str, Any]:
     settings = structured_to_dict(config)
-    for key in ("max_concurrency", "max_retries", "timeout_s", "api_key_env", "base_url"):
+    for key in ("max_concurrency", "max_retries", "timeout_s", "api_key_env", "api_key_file", "base_url"):
         settings["engine"].pop(key, None)
     return {k: settings[k] for k in ("engine", "generation", "synthesis", "format", "read_options")}
 

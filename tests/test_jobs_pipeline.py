@@ -38,11 +38,18 @@ def _stub_answer(request):
     return "这是一个测试句子。"
 
 
+SECRET = "sk-knowfree-test-0123456789abcdef"
+
+
 def _write_configs(root: Path, base_url: str, *extra: str) -> Path:
     train = tiny_run_config(root, epochs=2, encoder_lr=1e-3, head_lr=3e-3)
     train["model"]["beta"] = BETA
     (root / "train.yaml").write_text(yaml.safe_dump(train, allow_unicode=True), encoding="utf-8")
-    engine = {"kind": "openai", "model": "stub", "base_url": base_url, "max_retries": 0}
+    # The key as a mounted secret file (outside the run folder): the engines in the actors read it.
+    (root / "secret").mkdir()
+    (root / "secret" / "api_key").write_text(SECRET + "\n", encoding="utf-8")
+    engine = {"kind": "openai", "model": "stub", "base_url": base_url, "max_retries": 0,
+              "api_key_file": str(root / "secret" / "api_key")}
     pipeline = {
         "train_config": str(root / "train.yaml"),
         "output_dir": str(root / "run"),
@@ -96,6 +103,11 @@ def test_variant_fs_end_to_end_against_a_loopback_openai_server(ray_cluster, llm
     assert not any(s.synthetic for s in read_dataset(run / "train" / "train_data.jsonl"))
 
     assert set(summary["cells"][""]) == {"F", "FS"}
+
+    # the key reached the server from every actor, and no artefact of the run holds it
+    assert {r.authorization for r in llm_stub.requests} == {f"Bearer {SECRET}"}
+    leaked = [p for p in run.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaked == []
     out = capsys.readouterr().out
     assert "| F |" in out and "| FS |" in out and "synthesis engine: openai stub" in out
 

@@ -151,6 +151,19 @@ def test_openai_key_scrubbed_from_error_text(llm_stub, monkeypatch):
     assert engine._describe(RuntimeError(f"bad {SECRET}")) == "RuntimeError: bad ***"
 
 
+def test_openai_key_from_a_secret_file_wins_and_a_bad_file_is_named_not_shown(llm_stub, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
+    (tmp_path / "key").write_text("sk-from-file\n", encoding="utf-8")
+    engine = openai_engine(llm_stub, api_key_file=str(tmp_path / "key"))
+    assert engine.generate([chat("a")], GREEDY)[0].ok
+    assert llm_stub.authorizations == ["Bearer sk-from-file"]
+    (tmp_path / "empty").write_text("", encoding="utf-8")
+    for path, problem in ((tmp_path / "missing", "cannot read the API key file"), (tmp_path / "empty", "is empty")):
+        with pytest.raises(RuntimeError, match=problem) as caught:
+            openai_engine(llm_stub, api_key_file=str(path))
+        assert str(path) in str(caught.value) and "sk-from" not in str(caught.value)
+
+
 def test_openai_local_server_needs_no_key(llm_stub, monkeypatch):
     monkeypatch.delenv("KNOWFREE_TEST_KEY", raising=False)
     openai_engine(llm_stub).generate([chat("a")], GREEDY)

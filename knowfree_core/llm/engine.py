@@ -60,9 +60,10 @@ class EngineConfig:
         ``openai`` | ``vllm`` | ``transformers``.
     model
         Model name (openai: as the server knows it) or local path (vllm, transformers).
-    base_url, api_key_env
-        openai: the endpoint and the *name* of the environment variable holding the key
-        (the key itself never appears in a config, a log or an output record).
+    base_url, api_key_env, api_key_file
+        openai: the endpoint and the *name* of the environment variable holding the key, or
+        the path of a file holding it (a mounted Kubernetes or cloud secret; it wins when
+        set). The key itself never appears in a config, a log or an output record.
     max_concurrency, max_retries, timeout_s
         openai: parallel requests per engine, retries on 429/5xx/timeouts, per-request timeout.
         transformers: ``max_concurrency`` is the generation batch size.
@@ -83,6 +84,7 @@ class EngineConfig:
     model: str = ""
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
+    api_key_file: str | None = None
     max_concurrency: int = 8
     max_retries: int = 5
     timeout_s: float = 120.0

@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urlparse
 
 from knowfree_core.errors import ConfigError
@@ -53,7 +54,18 @@ def is_local_url(url: str | None) -> bool:
 
 
 def resolve_api_key(config: EngineConfig) -> str:
-    """The key from ``os.environ[config.api_key_env]``; a placeholder for loopback servers."""
+    """The key from the file ``config.api_key_file`` (a mounted secret) when set, else from
+    ``os.environ[config.api_key_env]``; a placeholder for loopback servers."""
+    if config.api_key_file:
+        path = Path(config.api_key_file).expanduser()
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+        except OSError as error:
+            # The path is not secret; the content is, and is never part of a message.
+            raise RuntimeError(f"cannot read the API key file {path}: {error.strerror}") from None
+        if not key:
+            raise RuntimeError(f"the API key file {path} is empty")
+        return key
     key = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
     if key:
         return key
@@ -89,10 +101,10 @@ class OpenAIEngine(LLMEngine):
         )
         self._plain = config.chat_template == "plain"
         log.info(
-            "openai engine: model=%s base_url=%s key from $%s%s",
+            "openai engine: model=%s base_url=%s key from %s%s",
             config.model,
             config.base_url or "(default)",
-            config.api_key_env,
+            config.api_key_file or f"${config.api_key_env}",
             " (placeholder for a local server)" if not self.__secret else "",
         )
 
