@@ -183,3 +183,28 @@ def test_annotate_job_with_vllm_engine_in_a_ray_actor(ray_cluster, tiny_model_di
     # garbage answers are rejections with a reason, per step
     reasons = summary["rejections_by_reason"]
     assert sum(n for reason, n in reasons.items() if reason.startswith("seg:")) >= 16, reasons
+
+
+def test_synthesize_job_with_vllm_engine_in_a_ray_actor(ray_cluster, tiny_model_dir, tmp_path, request):
+    """Pipeline 2 on the same vLLM engine actors: one row per source, every prompt answered
+    (sampled, seeded), the random model's pieces kept or dropped with a counted reason."""
+    from jobs.synthesize import load_job_config, run_synthesis
+
+    sample = _subset(tmp_path / "train8.conll", 8)
+    config = load_job_config(None, [
+        f"input=[{sample}]", f"output_dir={tmp_path / 'job'}",
+        "pool.num_actors=1", "pool.cpus_per_actor=1", "pool.batch_size=8",
+        "engine.kind=vllm", f"engine.model={tiny_model_dir}", "engine.dtype=float32",
+        f"engine.max_model_len={MAX_MODEL_LEN}", "engine.extra.enforce_eager=true",
+        "engine.extra.distributed_executor_backend=mp", "generation.max_tokens=24",
+        "synthesis.min_units=1",
+    ])
+    started = time.perf_counter()
+    summary = run_synthesis(config)
+    _report(request.config, f"synthesize job, 8 sources, 1 actor: {time.perf_counter() - started:.1f} s; "
+                            f"{summary['synthetic_sentences']} kept, dropped {summary['rejections_by_reason']}")
+    assert summary["sources"] == 8 and summary["answers"] == 8 and summary["duplicate_rows_dropped"] == 0
+    assert "engine error" not in summary["rejections_by_reason"]
+    rows = [json.loads(line) for path in sorted((tmp_path / "job" / "rows").glob("*.json"))
+            for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 8 and all(len(json.loads(row["raw_answers"])) == 1 for row in rows)
