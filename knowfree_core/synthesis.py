@@ -140,6 +140,21 @@ def _normalized(text: str) -> str:
     return "".join(text.split())
 
 
+#: A piece is an echo of the prompt when at least this share of its character 4-grams occur in
+#: the prompt: small models repeat the instructions with a word changed or dropped, which an
+#: exact substring test misses.
+ECHO_SHARE = 0.6
+
+
+def _grams(text: str, n: int = 4) -> set[str]:
+    return {text[i:i + n] for i in range(len(text) - n + 1)}
+
+
+def _echoes(key: str, prompt_grams: set[str]) -> bool:
+    grams = _grams(key)
+    return len(key) >= 8 and bool(grams) and len(grams & prompt_grams) >= ECHO_SHARE * len(grams)
+
+
 class Synthesizer:
     """Writes the synthetic sentences of batches of prepared rows; one per worker (Ray actor).
 
@@ -200,7 +215,9 @@ class Synthesizer:
         results = []
         for index, sentence in enumerate(sentences):
             seen = {_normalized(sentence.text)}
+            # the prompt without the source sentence itself: repeating that is a copy, not an echo
             prompt_text = _normalized(" ".join(m["content"] for m in prompts[index][0]))
+            prompt_grams = _grams(prompt_text.replace(_normalized(sentence.text), "\n"))
             synthetic: list[Sentence] = []
             raw: list[str | None] = []
             rejections: list[dict[str, str]] = []
@@ -226,7 +243,7 @@ class Synthesizer:
                         reason = REASON_SOURCE_COPY
                     elif key in seen:
                         reason = REASON_DUPLICATE
-                    elif len(key) >= 8 and key in prompt_text:
+                    elif _echoes(key, prompt_grams):
                         reason = REASON_PROMPT_ECHO  # the model repeated its instructions
                     elif self.settings.max_per_source is not None and len(synthetic) >= self.settings.max_per_source:
                         reason = REASON_OVER_CAP

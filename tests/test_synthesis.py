@@ -74,6 +74,16 @@ def test_pieces_are_kept_or_dropped_with_a_counted_reason(llm_stub, tmp_path):
                               REASON_PROMPT_ECHO])
 
 
+def test_a_paraphrased_echo_of_the_instructions_is_dropped_but_the_entities_are_not(llm_stub, tmp_path):
+    # the instruction with a few characters changed, as small models repeat it; and a sentence
+    # that reuses the source's entities, which must stay
+    llm_stub.answer = lambda request: ("你作为拥有丰富知识的专家，需要根据我给出的样例续写，给学生解释样例中的实体含义。"
+                                       "张三在北京工作了很多年。")
+    (result,) = _synthesizer(llm_stub, tmp_path).synthesize([_with_entities()])
+    assert [s.text for s in result["synthetic"]] == ["张三在北京工作了很多年。"]
+    assert [r["reason"] for r in result["rejections"]] == [REASON_PROMPT_ECHO]
+
+
 def test_continuations_use_successive_seeds_and_engine_errors_are_counted(llm_stub, tmp_path):
     def answer(request):
         if request.body.get("seed") == 8:
