@@ -55,7 +55,7 @@ from jobs.annotate import AnnotateJobConfig, run_annotation
 from jobs.common import RayConfig, init_ray, run_main
 from jobs.merge_labels import MergeJobConfig, run_merge
 from jobs.rowjob import PoolConfig
-from jobs.synthesize import LabelStage, SynthesizeJobConfig, run_synthesis
+from jobs.synthesize import LabelStage, SynthesizeJobConfig, run_synthesis, sampling_defaults
 from knowfree_core.config import KnowFreeConfig, load_config, load_structured
 from knowfree_core.errors import ConfigError
 from knowfree_core.formats import read_dataset, write_dataset
@@ -87,16 +87,12 @@ class TrainResources:
     num_gpus: float = 0.0
 
 
-def _sampling_defaults() -> GenerationParams:
-    return GenerationParams(max_tokens=256, temperature=0.8, top_p=0.95, seed=0)
-
-
 @dataclass
 class SynthesisStage:
     """Pipeline 2 settings (variant FS); see jobs.synthesize."""
 
     engine: EngineConfig = field(default_factory=EngineConfig)
-    generation: GenerationParams = field(default_factory=_sampling_defaults)
+    generation: GenerationParams = field(default_factory=sampling_defaults)
     synthesis: SynthesisSettings = field(default_factory=SynthesisSettings)
     #: Only the first this many training sentences get continuations (None: all of them).
     max_sources: Optional[int] = None
@@ -248,10 +244,9 @@ class Cell:
             label_with=str(f_model), label=stage.label, pool=stage.pool, ray=self.config.ray,
         )
         summary_path = self.root / "synthesize" / "summary.json"
-        if summary_path.exists() and "labelling" in json.loads(summary_path.read_text(encoding="utf-8")):
-            self.stages["synthesize"] = json.loads(summary_path.read_text(encoding="utf-8"))
-        else:
-            self.stages["synthesize"] = run_synthesis(synth_config)
+        done = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {}
+        # A summary without "labelling" is from a run that stopped before the labelling stage.
+        self.stages["synthesize"] = done if "labelling" in done else run_synthesis(synth_config)
         labeled = Path(self.stages["synthesize"]["labelling"]["labeled"])
         synthetic: list = []
         if labeled.stat().st_size:

@@ -33,14 +33,13 @@ from knowfree_core.annotation import collect_output, prepare_input
 from knowfree_core.config import load_structured, structured_to_dict
 from knowfree_core.errors import ConfigError
 from knowfree_core.llm.engine import EngineConfig, GenerationParams
-from knowfree_core.synthesis import SynthesisSettings, Synthesizer, SyntheticLabeler, collect_synthesis
+from knowfree_core.synthesis import DEFAULT_SYNTHESIS_PARAMS, SynthesisSettings, Synthesizer, SyntheticLabeler, collect_synthesis
 
 logger = logging.getLogger("jobs.synthesize")
 
 
-def _sampling_defaults() -> GenerationParams:
-    # Continuations should vary: sample, with a seed so that a rerun asks the same prompts.
-    return GenerationParams(max_tokens=256, temperature=0.8, top_p=0.95, seed=0)
+def sampling_defaults() -> GenerationParams:
+    return DEFAULT_SYNTHESIS_PARAMS
 
 
 @dataclass
@@ -61,7 +60,7 @@ class SynthesizeJobConfig:
     output_dir: str = MISSING
     output_format: str = "jsonl"
     engine: EngineConfig = field(default_factory=EngineConfig)
-    generation: GenerationParams = field(default_factory=_sampling_defaults)
+    generation: GenerationParams = field(default_factory=sampling_defaults)
     synthesis: SynthesisSettings = field(default_factory=SynthesisSettings)
     #: SQLite answer cache; default ``<output_dir>/answers.sqlite``.
     cache: Optional[str] = None

@@ -60,6 +60,11 @@ _HEADER = re.compile(
 _CLOSING_QUOTES = "”’」』\"'）)】"
 
 
+#: Continuations should vary: sample, with a seed so that a rerun asks the same prompts (and
+#: hits the answer cache). Frozen, so sharing one instance is safe.
+DEFAULT_SYNTHESIS_PARAMS = GenerationParams(max_tokens=256, temperature=0.8, top_p=0.95, seed=0)
+
+
 @dataclass
 class SynthesisSettings:
     """What to ask and what to keep.
@@ -174,7 +179,7 @@ class Synthesizer:
         self.settings = settings if isinstance(settings, SynthesisSettings) else SynthesisSettings(**(settings or {}))
         if isinstance(params, dict):
             params = GenerationParams(**{**params, "stop": tuple(params.get("stop") or ())})
-        self.params = params or GenerationParams(max_tokens=256, temperature=0.8, top_p=0.95, seed=0)
+        self.params = params or DEFAULT_SYNTHESIS_PARAMS
         self.cache = AnswerCache(cache) if cache else None
         self.exp = load_prompt("exp", self.settings.language, self.settings.prompts_dir)
         self.ext = load_prompt("ext", self.settings.language, self.settings.prompts_dir)
