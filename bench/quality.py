@@ -50,6 +50,7 @@ from jobs.pipeline import (  # noqa: E402
 )
 from knowfree_core.config import load_config, load_structured  # noqa: E402
 from knowfree_core.errors import ConfigError  # noqa: E402
+from knowfree_core.safe_paths import child_path  # noqa: E402
 
 logger = logging.getLogger("bench.quality")
 
@@ -165,7 +166,8 @@ def plan_cells(config: QualityConfig, selection: Selection) -> list[PlannedCell]
         if not selected(selection, dataset=dataset):
             continue
         for grid in dataset_grids(dataset, entry):
-            pipeline = pipeline_config(entry, grid, Path(config.runs_dir) / dataset, config.ray)
+            runs = child_path(config.runs_dir, dataset, f"datasets.{dataset}")  # a dataset name is a folder
+            pipeline = pipeline_config(entry, grid, runs, config.ray)
             for name, overrides in _cells(pipeline):
                 setting, seed = split_cell_name(name)
                 variants = [v for v in grid.variants if selected(selection, variant=v)]

@@ -62,6 +62,7 @@ from knowfree_core.formats import read_dataset, write_dataset
 from knowfree_core.llm.engine import EngineConfig, GenerationParams
 from knowfree_core.merging import LabelMap, apply_label_map
 from knowfree_core.run import load_split, run_training, select_training_sentences
+from knowfree_core.safe_paths import child_path
 from knowfree_core.synthesis import SynthesisSettings
 
 logger = logging.getLogger("jobs.pipeline")
@@ -380,7 +381,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     results: dict[str, dict] = {}
     for name, overrides in cells:
         train_config = load_config(config.train_config, list(config.train_overrides) + overrides)
-        scores = Cell(config, train_config, out / name if name else out).run(variants)
+        scores = Cell(config, train_config, child_path(out, name, "grid cell") if name else out).run(variants)
         results[name] = scores
         logger.info("cell %s done: %s", name or out.name,
                     ", ".join(f"{v} test F1 {s['test']['f1']:.4f}" for v, s in scores.items() if s.get("test")))

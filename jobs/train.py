@@ -64,6 +64,7 @@ from knowfree_core.run import (
     prepare_data,
     print_run_summary,
 )
+from knowfree_core.safe_paths import plain_name
 from knowfree_core.training import EpochReport, fit, load_training_state, save_training_state
 
 logger = logging.getLogger("jobs.train")
@@ -81,7 +82,8 @@ def storage_location(config: KnowFreeConfig) -> tuple[str, str]:
     storage = settings.storage_path or str(run_dir / "ray_train")
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
-    return storage, settings.name or run_dir.resolve().name
+    # The run name is a folder under the storage: a plain name, so it cannot point elsewhere.
+    return storage, plain_name(settings.name or run_dir.resolve().name, "ray_train.name")
 
 
 def _run_has_checkpoints(storage_path: str, name: str) -> bool:

@@ -98,6 +98,7 @@ def load_embedder(name: str = "offline-e5", device: str | None = None, prefix: s
     else:
         from sentence_transformers import SentenceTransformer
 
-        model = SentenceTransformer(name, device=device)
+        # safetensors only: a pickle checkpoint (pytorch_model.bin) can run code when loaded.
+        model = SentenceTransformer(name, device=device, model_kwargs={"use_safetensors": True})
         default_prefix = ""
     return SentenceEmbedder(model=model, name=name, prefix=default_prefix if prefix is None else prefix)

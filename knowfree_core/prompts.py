@@ -34,6 +34,7 @@ import jinja2
 import yaml
 
 from knowfree_core.errors import ConfigError
+from knowfree_core.safe_paths import plain_name
 
 STEPS = ("ent", "seg", "pos", "merge", "exp", "ext")
 RESPONSE_KINDS = ("json", "text")
@@ -231,6 +232,9 @@ def load_prompt_file(path: str | Path) -> PromptTemplate:
 def load_prompt(step: str, language: str = "zh", prompts_dir: str | Path | None = None) -> PromptTemplate:
     """The template of ``step`` in ``language``: ``<prompts_dir>/<language>/<step>.yaml`` when
     the user folder has it, otherwise the bundled one."""
+    # Both become path components: "../x" must not reach a YAML file outside the prompt folders.
+    plain_name(step, "prompt step")
+    plain_name(language, "language")
     dirs = _search_dirs(prompts_dir)
     for directory in dirs:
         path = directory / language / f"{step}.yaml"

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, Union, cast
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .e5_offline import SpecialTokens, build_unigram_tokenizer, resolve_model_path, wrap_tokenizer
 from .units import METASPACE, POOLINGS, UnitMode, UnitTokenizer, pool_pieces
 
@@ -104,17 +105,28 @@ def _resolve_layers(layers: LayerSpec, depth: int) -> tuple[str | list[int], int
 def _load_transformer(path: str, with_weights: bool) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
+    if with_weights and Path(path).is_dir() and not any(
+        p.name != MIX_FILE for p in Path(path).glob("*.safetensors")
+    ):
+        pickles = sorted(p.name for p in Path(path).glob("*.bin")) or ["no weight file"]
+        raise ConfigError(
+            f"{path}: encoder weights must be safetensors, found {', '.join(pickles)}; pickle "
+            "files can run code when loaded. Convert once from a trusted copy: "
+            "AutoModel.from_pretrained(path).save_pretrained(path, safe_serialization=True)"
+        )
     # No pooler: it is unused here, and an unused parameter breaks DDP.
     try:
         if with_weights:
             # float32 whatever the checkpoint holds: a pruned fp16 copy must still train in fp32
             # (mixed precision is the training loop's job, not the checkpoint's).
-            model = AutoModel.from_pretrained(path, add_pooling_layer=False, dtype=torch.float32)
+            model = AutoModel.from_pretrained(
+                path, add_pooling_layer=False, dtype=torch.float32, use_safetensors=True
+            )
         else:
             model = AutoModel.from_config(AutoConfig.from_pretrained(path), add_pooling_layer=False)
     except TypeError:  # architectures without that switch
         if with_weights:
-            model = AutoModel.from_pretrained(path, dtype=torch.float32)
+            model = AutoModel.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
         else:
             model = AutoModel.from_config(AutoConfig.from_pretrained(path))
         if hasattr(model, "pooler"):
@@ -123,6 +135,7 @@ def _load_transformer(path: str, with_weights: bool) -> nn.Module:
 
 
 def _has_transformer_weights(folder: Path) -> bool:
+    # A .bin (pickle) counts too, so that loading it is refused with a clear error, not skipped.
     return any(p.name != MIX_FILE for p in folder.glob("*.safetensors")) or any(
         folder.glob("pytorch_model*.bin")
     )

@@ -121,13 +121,16 @@ class TransformersEngine(LLMEngine):
             model_dir, gguf_file = ensure_offline_gemma_hf(config.extra.get("cache_dir")), None
         if not model_dir:
             raise ValueError("EngineConfig.model must be a local model directory for the transformers engine")
+        # GGUF or safetensors only: a pickle checkpoint (pytorch_model.bin) can run code when loaded.
         load: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, **load)
         # Left padding: generation appends on the right, so every row's prompt must end there.
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self._dtype(), **load)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=self._dtype(), **load, **({} if gguf_file else {"use_safetensors": True})
+        )
         self.model.to(config.device).eval()
         self._template = config.chat_template != "plain" and bool(getattr(self.tokenizer, "chat_template", None))
         log.info("transformers engine: %s%s on %s, %s prompts", model_dir,
