@@ -1,9 +1,9 @@
 """Throughput of the whole KnowFREE model: training samples/s and prediction sentences/s (CPU or GPU).
 
 Training rows time ``--train-batches`` steps of the training loop after ``--warmup-batches``:
-forward, backward, gradient clipping, AdamW step and scheduler step, exactly the per-batch work of
-``knowfree_core.training.fit`` (its optimizer, scheduler, autocast/grad-scaler and batch order from
-``length_bucketed_batches``), without Ray and without dev evaluation. Prediction rows time
+forward, backward, gradient clipping, AdamW step and scheduler step -- the same
+``knowfree_core.training.OptimizationStep`` object that ``fit`` runs per batch, on fit's batch
+order (``length_bucketed_batches``), without Ray and without dev evaluation. Prediction rows time
 ``KnowFreeModel.predict`` (eval mode, no grad, decoding included) over the test file after one
 warm-up batch. Each row builds its model afresh from the same seed.
 
@@ -58,9 +58,8 @@ from knowfree_core.records import Sentence  # noqa: E402
 from knowfree_core.run import build_model, load_split, select_training_sentences  # noqa: E402
 from knowfree_core.training import (  # noqa: E402
     AMP_DTYPES,
-    build_optimizer,
+    OptimizationStep,
     length_bucketed_batches,
-    linear_warmup_decay,
     peak_rss_mib,
     resolve_device,
 )
@@ -179,52 +178,19 @@ def warmup_and_timed(train: Sequence[Sentence], batch_size: int, seed: int, warm
     return [longest, *batches[: warmup - 1]], batches[warmup - 1 :]
 
 
-class TrainStep:
-    """One optimisation step as ``fit`` does it (kept in step with knowfree_core/training.py):
-    autocast forward and loss, zero_grad, backward (scaled for fp16), clip, step, scheduler."""
-
-    def __init__(self, model: KnowFreeModel, config: KnowFreeConfig, device: torch.device, total_steps: int):
-        train = config.train
-        self.model, self.device, self.precision, self.grad_clip = model, device, train.precision, train.grad_clip
-        self.optimizer = build_optimizer(model, train)
-        self.scheduler = linear_warmup_decay(self.optimizer, int(train.warmup_ratio * total_steps), total_steps)
-        fp16 = device.type == "cuda" and AMP_DTYPES.get(train.precision) is torch.float16
-        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
-
-    def __call__(self, batch: list[Sentence]) -> float:
-        with autocast(self.device, self.precision):
-            loss = self.model.loss(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            if self.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.trainable, self.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            if self.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.trainable, self.grad_clip)
-            self.optimizer.step()
-        self.scheduler.step()
-        # fit reads the loss every step (for its progress bar): the same host sync is timed here.
-        return float(loss.detach())
-
-
 def time_training(config: KnowFreeConfig, vocab: LabelVocab, train: Sequence[Sentence], device: torch.device,
                   warmup: int, timed: int) -> dict:
     """Build the model as ``knowfree train`` does, run the warm-up steps, time ``timed`` steps."""
     model = build_model(config, vocab).to(device)
     model.train()
     warm, batches = warmup_and_timed(train, config.train.batch_size, config.train.seed, warmup, timed)
-    step = TrainStep(model, config, device, total_steps=len(warm) + len(batches))
+    step = OptimizationStep(model, config.train, device, total_steps=len(warm) + len(batches))
     for batch in warm:
         step(batch)
     reset_peak(device)
     started = time.perf_counter()
-    losses = [step(batch) for batch in batches]
+    # fit reads the loss every step (for its progress bar): the same host sync is timed here.
+    losses = [float(step(batch)) for batch in batches]
     synchronize(device)
     seconds = time.perf_counter() - started
     gpu_mib, rss_mib = peak_memory(device)

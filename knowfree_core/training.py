@@ -223,6 +223,51 @@ def _restore(state: dict, model, optimizer, scheduler, scaler, rng: random.Rando
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class OptimizationStep:
+    """One optimisation step of :func:`fit`: loss under autocast, backward (scaled for fp16),
+    gradient clipping, optimizer and scheduler step. ``bench/model_throughput.py`` times this
+    same object, so the benchmark measures exactly what training runs.
+
+    ``train.precision`` bf16/fp16 applies on a GPU only; on another device the step is fp32
+    (with a warning). ``compute_loss`` defaults to ``model.loss``; ``fit`` swaps in the DDP
+    wrapper once the model's state is restored.
+    """
+
+    def __init__(self, model: KnowFreeModel, config: TrainConfig, device: torch.device, total_steps: int):
+        amp_dtype = AMP_DTYPES.get(config.precision)
+        if amp_dtype is not None and device.type != "cuda":
+            logger.warning("train.precision=%s applies on a GPU only: training in fp32 on %s", config.precision, device)
+            amp_dtype = None
+        self.amp_dtype = amp_dtype
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
+        self.optimizer = build_optimizer(model, config)
+        self.scheduler = linear_warmup_decay(self.optimizer, int(config.warmup_ratio * total_steps), total_steps)
+        self.grad_clip = config.grad_clip
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.compute_loss: Callable[[list[Sentence]], torch.Tensor] = model.loss
+
+    def __call__(self, batch: list[Sentence]) -> torch.Tensor:
+        """Train on ``batch``; returns the (detached) loss."""
+        with torch.autocast(self.device_type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext():
+            loss = self.compute_loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if self.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.trainable, self.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if self.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.trainable, self.grad_clip)
+            self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach()
+
+
 def fit(
     model: KnowFreeModel,
     train: Sequence[Sentence],
@@ -264,16 +309,8 @@ def fit(
     model.to(device)
     rng = random.Random(config.seed)
 
-    amp_dtype = AMP_DTYPES.get(config.precision)
-    if amp_dtype is not None and device.type != "cuda":
-        logger.warning("train.precision=%s applies on a GPU only: training in fp32 on %s", config.precision, device)
-        amp_dtype = None
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
-
-    optimizer = build_optimizer(model, config)
     steps_per_epoch = math.ceil(math.ceil(len(train) / config.batch_size) / ctx.world_size)
-    total_steps = steps_per_epoch * config.epochs
-    scheduler = linear_warmup_decay(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    step = OptimizationStep(model, config, device, total_steps=steps_per_epoch * config.epochs)
 
     history: list[EpochReport] = []
     best_f1: float | None = None
@@ -286,7 +323,7 @@ def fit(
     if state is None and checkpoint_path is not None and Path(checkpoint_path).is_file():
         state, source = load_training_state(checkpoint_path), str(checkpoint_path)
     if state is not None:
-        _restore(state, model, optimizer, scheduler, scaler, rng, ctx, config.seed)
+        _restore(state, model, step.optimizer, step.scheduler, step.scaler, rng, ctx, config.seed)
         history = [EpochReport(**report) for report in state["history"]]
         best_f1, best_epoch, best_state = state["best_f1"], state["best_epoch"], state["best_state"]
         epochs_without_gain = state["epochs_without_gain"]
@@ -296,8 +333,7 @@ def fit(
     # Rank 0 decides; the others must know whether a dev evaluation is coming.
     has_dev = ctx.broadcast(bool(dev))
     saving = checkpoint_path is not None or ctx.report is not None
-    compute_loss = ctx.wrap(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    step.compute_loss = ctx.wrap(model)
 
     for epoch in range(first_epoch, config.epochs + 1):
         model.train()
@@ -310,23 +346,7 @@ def fit(
             leave=False,
         )
         for batch in bar:
-            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
-                loss = compute_loss(batch)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                if config.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                if config.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-                optimizer.step()
-            scheduler.step()
-            total_loss += float(loss.detach())
+            total_loss += float(step(batch))
             batches += 1
             bar.set_postfix(loss=f"{total_loss / batches:.4f}")
         bar.close()
@@ -382,8 +402,8 @@ def fit(
                 loop_state = {
                     "epoch": epoch,
                     "model": _trainable_state(model),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
+                    "optimizer": step.optimizer.state_dict(),
+                    "scheduler": step.scheduler.state_dict(),
                     "batch_rng": rng.getstate(),
                     "torch_rng": torch.get_rng_state(),
                     "history": [r.to_dict() for r in history],
@@ -392,8 +412,8 @@ def fit(
                     "best_state": best_state,
                     "epochs_without_gain": epochs_without_gain,
                 }
-                if scaler is not None:
-                    loop_state["scaler"] = scaler.state_dict()
+                if step.scaler is not None:
+                    loop_state["scaler"] = step.scaler.state_dict()
                 if torch_rng_by_rank is not None:
                     loop_state["torch_rng_by_rank"] = torch_rng_by_rank
         if checkpoint_path is not None and loop_state is not None:
