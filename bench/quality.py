@@ -20,15 +20,11 @@ pairs with the same key are alternatives: ``--only dataset=weibo,dataset=msra,se
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import platform
 import shlex
 import statistics
 import sys
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -37,6 +33,7 @@ from omegaconf import MISSING
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench/ is not a package: find jobs/ and knowfree_core/ from here
+sys.path.insert(0, str(ROOT / "bench"))  # and the results-file module beside this one
 
 from jobs.common import RayConfig, init_ray, run_main  # noqa: E402
 from jobs.pipeline import (  # noqa: E402
@@ -51,6 +48,13 @@ from jobs.pipeline import (  # noqa: E402
 from knowfree_core.config import load_config, load_structured  # noqa: E402
 from knowfree_core.errors import ConfigError  # noqa: E402
 from knowfree_core.safe_paths import child_path  # noqa: E402
+from quality_records import (  # noqa: E402
+    append_result,
+    machine_description,
+    make_record,
+    read_results,
+    result_key,
+)
 
 logger = logging.getLogger("bench.quality")
 
@@ -176,10 +180,6 @@ def plan_cells(config: QualityConfig, selection: Selection) -> list[PlannedCell]
     return cells
 
 
-def result_key(record: dict) -> tuple[str, str, str, int]:
-    return record["dataset"], record["setting"], record["variant"], int(record["seed"])
-
-
 def pending_cells(cells: Iterable[PlannedCell], results: Iterable[dict]) -> list[PlannedCell]:
     """The cells that still miss a variant, each narrowed to the variants it misses."""
     done = {result_key(r) for r in results}
@@ -194,54 +194,11 @@ def pending_cells(cells: Iterable[PlannedCell], results: Iterable[dict]) -> list
 # -- the results file -----------------------------------------------------------------------
 
 
-def read_results(path: str | Path) -> list[dict]:
-    """The results file's records, oldest first; no file: none yet."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            # A run killed while appending leaves a torn last line: that cell simply runs again.
-            logger.warning("%s:%d is not a JSON record; ignored", path, number)
-    return records
-
-
-def append_result(path: str | Path, record: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as out:
-        out.write(json.dumps(record, ensure_ascii=False) + "\n")
-        out.flush()
-        os.fsync(out.fileno())
-
-
-def machine_description() -> str:
-    """The machine of this process (on a local Ray cluster also the one that trained)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)}; {platform.platform()}"
-    return f"{platform.platform()}, {os.cpu_count()} CPUs"
-
-
 def result_record(cell: PlannedCell, variant: str, score: dict, machine: str, command: str) -> dict:
-    dev, test = score.get("dev") or {}, score.get("test") or {}
     engine = cell.pipeline.synthesis.engine
-    return {
-        "dataset": cell.dataset, "setting": cell.setting, "variant": variant, "seed": cell.seed,
-        "dev_f1": dev.get("f1"),
-        "test_precision": test.get("precision"), "test_recall": test.get("recall"), "test_f1": test.get("f1"),
-        "train_sentences": score.get("train_sentences"), "best_epoch": score.get("best_epoch"),
-        # FS quality depends on the LLM that wrote the synthetic sentences.
-        "synthesis_engine": f"{engine.kind} {engine.model}" if variant == "FS" else None,
-        "run_dir": str(cell.root), "machine": machine,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
-    }
+    return make_record(cell.dataset, cell.setting, variant, cell.seed, score, run_dir=str(cell.root),
+                       machine=machine, command=command,
+                       synthesis_engine=f"{engine.kind} {engine.model}" if variant == "FS" else None)
 
 
 # -- the paper's figures and the table ------------------------------------------------------

@@ -14,14 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
+
+from subprocess_pool import Command, run_commands  # noqa: E402
 
 
 def base_overrides(bundle: Path, size: int) -> list[str]:
@@ -98,37 +99,17 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
-    started = time.monotonic()
-    pending = list(runs)
-    active: dict[str, tuple[subprocess.Popen, list[str], Path]] = {}
-    finished: dict[str, str] = {}
-    while pending or active:
-        while pending and len(active) < args.parallel:
-            run = pending.pop(0)
-            run_dir = args.work / run["name"]
-            overrides = common + list(run.get("set", []))
-            command = [sys.executable, "-m", "knowfree_core.cli", "train", "--quiet"]
-            for item in base_overrides(args.bundle, size) + overrides + [f"output_dir={run_dir}"]:
-                command += ["--set", item]
-            log = open(args.work / f"{run['name']}.log", "w")
-            active[run["name"]] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env),
-                                   overrides, run_dir)
-        time.sleep(2)
-        for name, (process, _, _) in list(active.items()):
-            if process.poll() is not None:
-                finished[name] = "ok" if process.returncode == 0 else f"exit {process.returncode}"
-                del active[name]
-        if time.monotonic() - started > args.deadline:
-            for name, (process, _, _) in active.items():
-                process.kill()
-                finished[name] = "stopped at deadline"
-            for run in pending:
-                finished[run["name"]] = "not started"
-            break
+    commands = []
+    for run in runs:
+        run_dir = args.work / run["name"]
+        argv = [sys.executable, "-m", "knowfree_core.cli", "train", "--quiet"]
+        for item in base_overrides(args.bundle, size) + common + list(run.get("set", [])) + [f"output_dir={run_dir}"]:
+            argv += ["--set", item]
+        commands.append(Command(run["name"], argv, args.work / f"{run['name']}.log"))
+    finished = run_commands(commands, args.parallel, args.deadline, env)
 
     rows = []
     for run in runs:
-        overrides = common + list(run.get("set", []))
         rows.append(summarise(run["name"], list(run.get("set", [])), args.work / run["name"], finished.get(run["name"], "?")))
     table = format_table(rows)
     print(table)

@@ -47,7 +47,7 @@ import logging
 import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from omegaconf import MISSING, OmegaConf
 
@@ -152,13 +152,24 @@ def _scores(metrics: dict) -> dict:
             "train_sentences": metrics.get("train_sentences")}
 
 
-class Cell:
-    """One training subset and the stages of its variants, in ``root``."""
+#: Trains one variant's final config and returns its metrics (``metrics.json``'s content).
+Trainer = Callable[[str, KnowFreeConfig], dict]
 
-    def __init__(self, config: PipelineConfig, train_config: KnowFreeConfig, root: Path):
+
+class Cell:
+    """One training subset and the stages of its variants, in ``root``.
+
+    ``trainer`` trains each variant; the default is a Ray task with ``train_resources``.
+    ``bench/quality_gpu.py`` passes one that writes the final config and training file out
+    instead, to train them on a machine without Ray.
+    """
+
+    def __init__(self, config: PipelineConfig, train_config: KnowFreeConfig, root: Path,
+                 trainer: Optional[Trainer] = None):
         self.config = config
         self.train_config = train_config
         self.root = root
+        self.trainer = trainer or self._train_on_ray
         self.stages: dict[str, Any] = {}
 
     # -- stages ----------------------------------------------------------------------------
@@ -208,6 +219,9 @@ class Cell:
             model = replace(model, use_extension_labels=False, use_local_attention=variant != "biaffine")
         model = replace(model, **(model_changes or {}))
         final = replace(base, data=data, model=model, output_dir=str(run_dir))
+        return self.trainer(variant, final)
+
+    def _train_on_ray(self, variant: str, final: KnowFreeConfig) -> dict:
         import ray
 
         resources = self.config.train_resources

@@ -78,3 +78,22 @@ def tiny_run_config(root: Path, **train: object) -> dict:
         "train": {"epochs": 3, "batch_size": 4, "seed": 3, "device": "cpu", "threshold_candidates": [0.3, 0.5],
                   **train},
     }
+
+
+def tiny_quality_config(root: Path, seeds: list[int], variants: list[str]) -> Path:
+    """A quality-harness config (bench/quality.yaml's shape) for one tiny dataset of 10-sentence
+    cells, trained 1 epoch; results in ``root/results.jsonl``, cells in ``root/runs``."""
+    import yaml
+
+    train = tiny_run_config(root, epochs=1, num_threads=1)
+    (root / "train.yaml").write_text(yaml.safe_dump(train, allow_unicode=True), encoding="utf-8")
+    config = {
+        "results": str(root / "results.jsonl"), "runs_dir": str(root / "runs"),
+        "paper_results": str(Path(__file__).resolve().parents[1] / "bench" / "paper_results.yaml"),
+        "datasets": {"tiny": {"paper_name": "Weibo", "train_config": str(root / "train.yaml"),
+                              "train_resources": {"num_cpus": 1},
+                              "subset_sizes": [10], "seeds": seeds, "variants": variants}},
+    }
+    path = root / "quality.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path

@@ -130,20 +130,10 @@ def test_a_grid_needs_known_variants(tmp_path):
 
 
 def test_one_tiny_cell_end_to_end_and_a_rerun_runs_nothing(ray_cluster, tmp_path, capsys, monkeypatch):
-    from model_fixtures import tiny_run_config
+    from model_fixtures import tiny_quality_config
 
-    train = tiny_run_config(tmp_path, epochs=1, num_threads=1)
-    (tmp_path / "train.yaml").write_text(yaml.safe_dump(train, allow_unicode=True), encoding="utf-8")
+    config_path = tiny_quality_config(tmp_path, seeds=[1], variants=["noext"])
     results = tmp_path / "results.jsonl"
-    config = {
-        "results": str(results), "runs_dir": str(tmp_path / "runs"),
-        "paper_results": str(ROOT / "bench" / "paper_results.yaml"),
-        "datasets": {"tiny": {"paper_name": "Weibo", "train_config": str(tmp_path / "train.yaml"),
-                              "train_resources": {"num_cpus": 1},
-                              "subset_sizes": [10], "seeds": [1], "variants": ["noext"]}},
-    }
-    config_path = tmp_path / "quality.yaml"
-    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
 
     assert quality.main(["--config", str(config_path)]) == 0
     lines = results.read_text(encoding="utf-8").splitlines()
