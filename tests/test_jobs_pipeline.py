@@ -108,6 +108,12 @@ def test_variant_fs_end_to_end_against_a_loopback_openai_server(ray_cluster, llm
     assert {r.authorization for r in llm_stub.requests} == {f"Bearer {SECRET}"}
     leaked = [p for p in run.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaked == []
+    # nor does anything Ray writes for this session: driver, worker and raylet logs, runtime-env files
+    context = ray_cluster.get_runtime_context()
+    session = Path(context.get_temp_dir()) / context.get_session_name()
+    assert any((session / "logs").glob("worker-*.out")), f"no worker logs under {session}"
+    leaked = [p for p in session.rglob("*") if p.is_file() and not p.is_symlink() and SECRET.encode() in p.read_bytes()]
+    assert leaked == []
     out = capsys.readouterr().out
     assert "| F |" in out and "| FS |" in out and "synthesis engine: openai stub" in out
 
