@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -64,6 +65,7 @@ class Exporter:
         self.runs: list[dict] = []
         self.eval_files: dict[tuple[str, str], str] = {}  # (dataset, split) → bundle-relative path
         self.encoders: set[tuple[str, str]] = set()  # (encoder.name, encoder.unit_mode) of the runs
+        self.layer_specs: list[tuple] = []  # (encoder.layers, encoder.num_layers) of the runs
 
     def trainer_for(self, cell):
         def export(variant: str, final) -> dict:
@@ -103,11 +105,46 @@ class Exporter:
         data = replace(final.data, train=str(relative / "train.jsonl"), dev=splits["dev"], test=splits["test"],
                        format=None, read_options={})
         self.encoders.add((final.encoder.name, unit_mode))
+        self.layer_specs.append((final.encoder.layers, final.encoder.num_layers))
         encoder = replace(final.encoder, name=ENCODER_DIR, unit_mode=unit_mode)
         run_dir = Path("runs") / cell.dataset / cell.name / variant
         save_config(replace(final, data=data, encoder=encoder, output_dir=str(run_dir)), folder / "config.yaml")
         return {"dataset": cell.dataset, "setting": cell.setting, "seed": cell.seed, "variant": variant,
                 "cell": cell.name, "config": str(relative / "config.yaml"), "run_dir": str(run_dir)}
+
+
+def deepest_layer(specs: list[tuple]) -> Optional[int]:
+    """The deepest transformer layer any run reads, or None when one needs them all ("last",
+    "mix", negative indices)."""
+    deepest = 0
+    for layers, num_layers in specs:
+        wanted = layers if isinstance(layers, (list, tuple)) else [layers]
+        if num_layers is not None:
+            deepest = max(deepest, int(num_layers))
+        elif all(isinstance(i, int) and i >= 0 for i in wanted):
+            deepest = max(deepest, *wanted)
+        else:
+            return None
+    return deepest
+
+
+def keep_first_layers(folder: Path, depth: int) -> None:
+    """Drop the transformer layers after ``depth`` from a saved BERT-style encoder: the runs never
+    compute them, and 6 of e5's 12 layers halve the bundle's largest file."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if depth >= config["num_hidden_layers"]:
+        return
+    layer = re.compile(r"(?:^|\.)layer\.(\d+)\.")
+    state = load_file(str(weights_path))
+    kept = {k: v for k, v in state.items() if (m := layer.search(k)) is None or int(m.group(1)) < depth}
+    save_file(kept, str(weights_path), metadata={"format": "pt"})
+    config["num_hidden_layers"] = depth
+    config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 def export(config_path: str, out: Path, only: Optional[str], results_path: Optional[str]) -> Path:
@@ -129,6 +166,10 @@ def export(config_path: str, out: Path, only: Optional[str], results_path: Optio
         logger.warning("FS stays with bench/quality.py (it needs the F model and an LLM): %s", skipped)
     if not pending:
         raise SystemExit("nothing to export: every selected cell is in the results file")
+    if (out / MANIFEST).is_file():  # an earlier bundle: derived data, made again from scratch
+        shutil.rmtree(out)
+    elif out.is_dir() and any(out.iterdir()):
+        raise SystemExit(f"{out} exists and is not a bundle (no {MANIFEST}): choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     exporter = Exporter(out)
     init_ray(config.ray, min_cpus=max(c.pipeline.train_resources.num_cpus for c in pending))
@@ -146,6 +187,9 @@ def export(config_path: str, out: Path, only: Optional[str], results_path: Optio
         corpus += [s.units for s in read_dataset(path, format="jsonl")]
     # Every piece the runs' text uses, and no other: the encoder shrinks from ~470 to ~45 MB.
     prune_encoder(resolve_model_path(encoder_name), corpus, out / ENCODER_DIR, mode=unit_mode)
+    depth = deepest_layer(exporter.layer_specs)
+    if depth is not None:
+        keep_first_layers(out / ENCODER_DIR, depth)
     (out / MANIFEST).write_text(json.dumps({"runs": exporter.runs}, indent=1, ensure_ascii=False), encoding="utf-8")
     size_mib = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
     print(f"{len(exporter.runs)} runs of {len(pending)} cells in {out} ({size_mib:.1f} MiB)")

@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +32,12 @@ def test_export_train_import_round_trip(ray_cluster, tmp_path, capsys):
     # one cell is already done: export leaves it out
     quality_gpu.append_result(results, {"dataset": "tiny", "setting": "n10", "variant": "noext", "seed": 1,
                                         "test_f1": 0.5, "dev_f1": 0.5})
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(SystemExit, match="not a bundle"):  # a user's folder is never emptied
+        quality_gpu.main(["export", "--config", str(config_path), "--out", str(tmp_path / "notes")])
+    assert (tmp_path / "notes" / "todo.txt").is_file()
 
     bundle = tmp_path / "bundle"
     quality_gpu.main(["export", "--config", str(config_path), "--out", str(bundle)])
@@ -64,3 +71,36 @@ def test_export_train_import_round_trip(ray_cluster, tmp_path, capsys):
     quality_gpu.main(["import", "--from", str(gpu_results), "--config", str(config_path)])  # idempotent
     keys = [quality_gpu.result_key(r) for r in quality_gpu.read_results(results)]
     assert sorted(keys) == sorted({("tiny", "n10", v, s) for v in ("noext", "biaffine") for s in (1, 2)})
+
+    # every cell is done now: nothing to export, and the old bundle is left as it is
+    with pytest.raises(SystemExit, match="nothing to export"):
+        quality_gpu.main(["export", "--config", str(config_path), "--out", str(bundle)])
+    assert (bundle / "runs.json").is_file()
+
+
+def test_the_bundle_keeps_only_the_layers_the_runs_read(tmp_path):
+    import torch
+
+    from knowfree_core.encoders.unit_encoder import UnitEncoder
+    from model_fixtures import make_random_encoder
+
+    quality_gpu = _load("quality_gpu")
+    assert quality_gpu.deepest_layer([(6, None), ([2, 4], None)]) == 6
+    assert quality_gpu.deepest_layer([(6, None), ("mix", 3)]) == 6
+    assert quality_gpu.deepest_layer([(6, None), ("mix", None)]) is None
+    assert quality_gpu.deepest_layer([(-1, None)]) is None
+
+    folder = make_random_encoder(tmp_path / "enc")  # 2 layers
+    full = UnitEncoder(str(folder), layers=1).eval()
+    batch = full.collate([list("张三在北京")])
+    with torch.no_grad():
+        expected = full(batch).hidden
+    quality_gpu.keep_first_layers(folder, 1)
+    assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == 1
+    from safetensors.torch import load_file
+
+    names = list(load_file(str(folder / "model.safetensors")))
+    assert any("layer.0." in n for n in names) and not any("layer.1." in n for n in names)
+    cut = UnitEncoder(str(folder), layers=1).eval()
+    with torch.no_grad():
+        assert torch.allclose(cut(batch).hidden, expected)
