@@ -83,8 +83,8 @@ class Exporter:
         folder = self.bundle / relative
         folder.mkdir(parents=True, exist_ok=True)
         # The training file is always the cell's JSONL (jobs.pipeline.Cell.train).
+        shutil.copyfile(final.data.train, folder / "train.jsonl")
         train = read_dataset(final.data.train, format="jsonl")
-        write_dataset(train, folder / "train.jsonl")
         unit_mode = final.encoder.unit_mode
         if unit_mode == "auto":  # as knowfree_core.run decides it, so the pruning keeps the right pieces
             unit_mode = "word" if train and train[0].joiner == " " else "char"
@@ -286,12 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.step == "train":
         train(args.bundle, args.results, args.parallel, args.deadline, args.threads, args.set)
     else:
-        results = args.results
-        if results is None:
-            import yaml
+        if args.results is None:
+            import quality
+            from knowfree_core.config import load_structured
 
-            results = Path(yaml.safe_load(Path(args.config).read_text(encoding="utf-8"))["results"])
-        import_results(args.source, results)
+            args.results = Path(load_structured(quality.QualityConfig, args.config).results)
+        import_results(args.source, args.results)
     return 0
 
 

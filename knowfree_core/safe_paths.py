@@ -22,7 +22,8 @@ _PLAIN_NAME = re.compile(r"^\w[\w.=+-]*$")
 def plain_name(value: object, what: str) -> str:
     """``value`` as one path component, or a ConfigError naming ``what`` (the config key)."""
     text = str(value)
-    if not text or text.startswith(".") or not _PLAIN_NAME.match(text) or len(text) > 128:
+    # The pattern already refuses "", a leading dot and any separator.
+    if not _PLAIN_NAME.match(text) or len(text) > 128:
         raise ConfigError(
             f"{what}: {text!r} is not a plain name; use letters, digits and . _ = + - "
             "(no path separators, no leading dot, at most 128 characters)"
