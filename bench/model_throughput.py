@@ -53,7 +53,6 @@ import torch  # noqa: E402
 from gpu_train_speed import DEFAULT_CONFIG, DEFAULT_DATA, MIB, build_bert_shaped_encoder, machine_line  # noqa: E402
 from knowfree_core.config import KnowFreeConfig, load_config, validate_config  # noqa: E402
 from knowfree_core.labels import LabelVocab  # noqa: E402
-from knowfree_core.model.knowfree import KnowFreeModel  # noqa: E402
 from knowfree_core.records import Sentence  # noqa: E402
 from knowfree_core.run import build_model, load_split, select_training_sentences  # noqa: E402
 from knowfree_core.training import (  # noqa: E402

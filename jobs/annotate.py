@@ -134,9 +134,6 @@ def output_schema():
 
 def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
     """Run (or resume) the job; returns the summary dict (also written to summary.json)."""
-    import ray
-    from ray.data.checkpoint import CheckpointConfig
-
     if config.output_format not in OUTPUT_FORMATS:
         raise ConfigError(f"output_format must be jsonl or parquet, got {config.output_format!r}")
     paths = JobPaths(Path(config.output_dir).resolve())

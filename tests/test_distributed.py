@@ -10,11 +10,9 @@ import socket
 import pytest
 import torch
 
-from knowfree_core.config import EncoderConfig, ModelConfig, TrainConfig
+from knowfree_core.config import TrainConfig
 from knowfree_core.distributed import DistributedContext, shard_batches
-from knowfree_core.labels import LabelVocab
-from knowfree_core.model.knowfree import KnowFreeModel
-from knowfree_core.training import fit, load_training_state, save_training_state, seed_everything
+from knowfree_core.training import fit, load_training_state, save_training_state
 
 from model_fixtures import build_tiny_model, make_random_encoder, tiny_corpus
 

@@ -4,7 +4,6 @@ weights are loaded from pickle files (README, "Reliability": security)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 

@@ -7,10 +7,8 @@ import random
 import pytest
 import torch
 
-from knowfree_core.config import EncoderConfig, ModelConfig, TrainConfig
-from knowfree_core.labels import LabelVocab
-from knowfree_core.model.knowfree import KnowFreeModel
-from knowfree_core.training import fit, length_bucketed_batches, seed_everything
+from knowfree_core.config import TrainConfig
+from knowfree_core.training import fit, length_bucketed_batches
 
 from model_fixtures import build_tiny_model, make_random_encoder, tiny_corpus
 
