@@ -79,6 +79,9 @@ class ModelConfig:
     use_extension_labels: bool = True
     alpha_scale: float = 0.5  # alpha_i = alpha_scale * mean target count / C_i
     alpha_fixed: Optional[float] = None  # one alpha for every extension label instead
+    # Cap on alpha_i. None follows eq. 15 as published, where a rare extension label outweighs a
+    # target label (Ĉ/C_i is large): on UD POS a 5-count LAC tag gets alpha 79 (bench/RESULTS.md).
+    alpha_max: Optional[float] = None
     beta: float = 1.0  # weight of synthetic samples: L + beta * L_syn
     decode: str = "flat"  # flat | nested
     threshold: float = 0.5

@@ -158,6 +158,10 @@ def test_extension_weights_formula_and_fixed():
     assert torch.allclose(alphas, torch.tensor([0.5, 2.0]))
     fixed = extension_label_weights([10, 30], [5, 40, 0], fixed=0.3)
     assert torch.allclose(fixed, torch.full((3,), 0.3))
+    capped = extension_label_weights([10, 30], [5, 40, 0], max_weight=1.0)  # uncapped: 2.0, 0.25, 0
+    assert torch.allclose(capped, torch.tensor([1.0, 0.25, 0.0]))
+    with pytest.raises(ValueError, match="max extension weight"):
+        extension_label_weights([10, 30], [5], max_weight=0.0)
     assert torch.equal(label_weight_vector(2, [0.5, 0.25]), torch.tensor([1.0, 1.0, 0.5, 0.25]))
 
 

@@ -62,6 +62,7 @@ class KnowFreeModel(nn.Module):
             [vocab.extension_counts.get(label, 0) for label in vocab.extensions],
             scale=config.alpha_scale,
             fixed=config.alpha_fixed,
+            max_weight=config.alpha_max,
         ) if vocab.num_extensions else torch.zeros(0)
         # A buffer so it follows .to(device); not saved, since labels.json holds the counts it
         # is computed from.
