@@ -286,12 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     elif args.step == "train":
         train(args.bundle, args.results, args.parallel, args.deadline, args.threads, args.set)
     else:
-        if args.results is None:
+        results = args.results
+        if results is None:
             import quality
             from knowfree_core.config import load_structured
 
-            args.results = Path(load_structured(quality.QualityConfig, args.config).results)
-        import_results(args.source, args.results)
+            results = Path(load_structured(quality.QualityConfig, args.config).results)
+        import_results(args.source, results)
     return 0
 
 

@@ -106,13 +106,13 @@ def test_extension_columns_get_alpha_and_synthetic_samples_get_beta(encoder_dir)
         assert model.label_weights[vocab.id(label)].item() == pytest.approx(expected)
     assert torch.all(model.label_weights[: vocab.num_targets] == 1)
     # model.alpha_max caps every alpha_i and leaves the target columns at 1.
-    cap = float(model.label_weights[vocab.num_targets:].min()) * 0.5
+    uncapped_ext = model.label_weights[vocab.num_targets:]
+    cap = float(uncapped_ext.min()) * 0.5
     capped = KnowFreeModel.build(
         EncoderConfig(name=str(encoder_dir), unit_mode="char"),
         ModelConfig(ffn_size=40, grid_size=40, biaffine_heads=2, attn_heads=4, alpha_max=cap),
         vocab,
     )
-    uncapped_ext = model.label_weights[vocab.num_targets:]
     assert (uncapped_ext > cap).any()  # the cap has something to do
     assert torch.allclose(capped.label_weights[vocab.num_targets:], uncapped_ext.clamp(max=cap))
     assert torch.all(capped.label_weights[: vocab.num_targets] == 1)

@@ -58,11 +58,19 @@ def extension_label_weights(
     Ĉ is the mean count of the target labels, C_i the count of extension label i (mappings are
     read in their iteration order). ``fixed`` replaces every α_i by that one number. An
     extension label with C_i = 0 has no positives to learn; it gets α_i = 0 instead of a
-    division by zero. ``max_weight`` caps each α_i (None: uncapped, as eq. 15 is published).
+    division by zero. ``max_weight`` caps each α_i, fixed or computed (None: uncapped, as eq. 15
+    is published).
     """
-    ext = _count_values(extension_counts)
     if max_weight is not None and max_weight <= 0:
         raise ValueError(f"max extension weight must be > 0, got {max_weight}")
+    alphas = _uncapped_extension_weights(target_counts, extension_counts, scale, fixed)
+    return alphas if max_weight is None else alphas.clamp(max=float(max_weight))
+
+
+def _uncapped_extension_weights(
+    target_counts: Counts, extension_counts: Counts, scale: float, fixed: float | None
+) -> Tensor:
+    ext = _count_values(extension_counts)
     if fixed is not None:
         if fixed < 0:
             raise ValueError(f"fixed extension weight must be >= 0, got {fixed}")
@@ -73,8 +81,7 @@ def extension_label_weights(
     if any(c < 0 for c in targets + ext):
         raise ValueError("label counts must be >= 0")
     mean_target = sum(targets) / len(targets)
-    alphas = torch.tensor([scale * mean_target / c if c > 0 else 0.0 for c in ext])
-    return alphas if max_weight is None else alphas.clamp(max=float(max_weight))
+    return torch.tensor([scale * mean_target / c if c > 0 else 0.0 for c in ext])
 
 
 def label_weight_vector(
