@@ -73,6 +73,7 @@ class ModelConfig:
     attn_heads: int = 10  # K
     use_local_attention: bool = True
     grid_mixer: str = "attention"  # attention (paper) | cnn (Table 3 ablation: a 2-D CNN over the grid)
+    cnn_depth: int = 3  # masked 3x3 convs of the cnn mixer (CNN Nested NER's depth); reach = depth units
     dropout: float = 0.1
     output_prior: float = 0.01  # initial probability of every cell/label (output bias = logit)
     input_norm: bool = False  # LayerNorm on the encoder states before the span head

@@ -64,6 +64,12 @@ def select_k_shot(
     Chosen variant: no cap on overshoot. Capping (skip sentences that would push a label past
     2k) is common, but with very rare labels (Weibo dev has one GPE.NOM mention) a cap can
     make k unreachable for no reason; frequent labels may therefore exceed k.
+
+    Nested across k for one seed (the paper: each larger subset includes the smaller ones):
+    every k walks the same seeded order, and while a label is still open for the smaller k
+    both walks have kept exactly the same sentences mentioning it, so it is open for the
+    larger k too; a sentence the smaller k keeps is therefore kept by the larger one. A cap
+    would break this (tests/test_sampling.py checks it on Weibo train and a skewed pool).
     """
     if k <= 0:
         raise ValueError(f"k must be positive, got {k}")

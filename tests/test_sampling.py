@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from knowfree_core.records import Sentence, Span
 from knowfree_core.sampling import greedy_k_shot, many_shot_subsets, select_k_shot, write_subsets
 
 WEIBO_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "weibo" / "dev.conll"
+WEIBO_TRAIN = WEIBO_DEV.with_name("train.conll")
 
 
 def _pool(n: int = 120) -> list[Sentence]:
@@ -89,6 +91,64 @@ def test_k_shot_on_weibo_dev():
     assert selection.unreachable == {"GPE.NOM": 1}  # one mention in the whole dev file
     assert len(selection.label_counts) == 8
     assert all(n >= 5 for label, n in selection.label_counts.items() if label != "GPE.NOM")
+
+
+def _skewed_pool(n: int = 300, seed: int = 0) -> list[Sentence]:
+    """Sentences with 0-4 mentions of skewed labels (one label mentioned many times in a
+    sentence, a rare label reachable for k=5 but not k=10): the cases where a greedy sampler
+    with a cap or a per-k draw would stop nesting."""
+    rng = random.Random(seed)
+    labels, weights = ["A", "B", "C", "D", "RARE"], [50, 20, 8, 4, 0]
+    pool = []
+    for i in range(n):
+        count = rng.choice([0, 1, 1, 2, 4])
+        spans = [Span(j, j + 1, rng.choices(labels, weights)[0]) for j in range(count)]
+        pool.append(Sentence(f"p{i}", ["x"] * 4, spans))
+    for i in range(7):  # 7 mentions in all: k=5 reachable, k=10 not
+        pool[rng.randrange(n)].spans.append(Span(3, 4, "RARE"))
+    return pool
+
+
+def _assert_nested(smaller: list[Sentence], larger: list[Sentence], where: str) -> None:
+    small_ids, large_ids = [s.id for s in smaller], [s.id for s in larger]
+    missing = set(small_ids) - set(large_ids)
+    assert not missing, f"{where}: {len(missing)} sentence(s) of the smaller k are not in the larger: {sorted(missing)[:5]}"
+    # Both walk the same seeded order, so the smaller set is a subsequence in that order too.
+    position = {sid: i for i, sid in enumerate(large_ids)}
+    assert [position[sid] for sid in small_ids] == sorted(position[sid] for sid in small_ids), where
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 42])
+def test_k_shot_sets_nest_across_k_on_a_synthetic_pool(seed):
+    # The paper: "each larger subset included all samples from the smaller ones".
+    pool = _skewed_pool()
+    ks = [1, 2, 5, 10, 20]
+    selections = {k: select_k_shot(pool, k, seed=seed) for k in ks}
+    for small, large in zip(ks, ks[1:]):
+        _assert_nested(selections[small].sentences, selections[large].sentences, f"seed {seed}, k={small} in k={large}")
+    # Nesting does not cost the k-shot guarantee: every label reaches min(k, available).
+    available = Counter(s.label for x in pool for s in x.spans)
+    for k, selection in selections.items():
+        assert all(selection.label_counts.get(label, 0) >= min(k, n) for label, n in available.items()), k
+    assert "RARE" not in selections[5].unreachable and selections[10].unreachable == {"RARE": 7}
+    # A label restriction nests as well.
+    restricted = [greedy_k_shot(pool, k, seed, labels=["C", "D"]) for k in (3, 6)]
+    _assert_nested(restricted[0], restricted[1], f"seed {seed}, labels C/D")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7, 42])
+def test_k_shot_sets_nest_on_weibo_train(seed):
+    if not WEIBO_TRAIN.exists():
+        pytest.skip("shared Weibo data not present")
+    pool = read_dataset(WEIBO_TRAIN)
+    assert len({s.id for s in pool}) == len(pool)  # ids identify sentences
+    five, ten = select_k_shot(pool, 5, seed=seed), select_k_shot(pool, 10, seed=seed)
+    _assert_nested(five.sentences, ten.sentences, f"Weibo train, seed {seed}")
+    assert len(ten.sentences) > len(five.sentences)
+    # GPE.NOM has 8 mentions in the file: reachable for k=5, all of them for k=10.
+    assert five.unreachable == {} and ten.unreachable == {"GPE.NOM": 8}
+    assert all(n >= 5 for n in five.label_counts.values())
+    assert all(n >= min(10, 8 if label == "GPE.NOM" else 10) for label, n in ten.label_counts.items())
 
 
 def test_write_subsets(tmp_path):

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from knowfree_core.model.biaffine import BiaffineSpanEncoder
+from knowfree_core.model.grid_cnn import MaskedGridCNN
 from knowfree_core.model.local_attention import LocalGridAttention
 from knowfree_core.model.row_attention import row_local_attention
 
@@ -58,8 +59,13 @@ class KnowFreeHead(nn.Module):
         attn_heads: K of the local attention (paper: 10; must divide grid_size).
         use_local_attention: False gives the plain biaffine baseline, logits = W_O(H_B) + b.
         grid_mixer: ``attention`` (the paper's local multi-head attention) or ``cnn`` (the
-            ablation of the paper's Table 3, "w/o local attn w cnn": a 2-D convolution with a
-            (2ω+1)×(2ω+1) kernel over the span grid, as CNN Nested NER does, in its place).
+            ablation of the paper's Table 3, "w/o local attn w cnn": in its place, the grid
+            module of CNN Nested NER, :class:`MaskedGridCNN` -- ``cnn_depth`` masked 3×3
+            convolutions, each with a residual, LayerNorm and GELU; the classifier reads
+            ``H_B + CNN(H_B)``). ``window`` and ``attn_heads`` do not apply to it, and the
+            band form of ``max_span_length`` is not used with it (a 2-D neighbourhood).
+        cnn_depth: convolutions of the ``cnn`` mixer (CNN Nested NER: 3); a cell reads the
+            cells up to ``cnn_depth`` units away in both indices (ω reaches along the row only).
         dropout: on the boundary features and on the classifier input.
         output_prior: initial probability π of every cell/label; the output bias starts at
             logit(π) because almost all of the L² cells are negatives, and starting at 0.5
@@ -82,6 +88,7 @@ class KnowFreeHead(nn.Module):
         attn_heads: int = 10,
         use_local_attention: bool = True,
         grid_mixer: str = "attention",
+        cnn_depth: int = 3,
         dropout: float = 0.1,
         output_prior: float = 0.01,
         chunk_elements: int | None = None,
@@ -104,11 +111,11 @@ class KnowFreeHead(nn.Module):
         if grid_mixer not in ("attention", "cnn"):
             raise ValueError(f"grid_mixer must be 'attention' or 'cnn', got {grid_mixer!r}")
         self.local_attention: LocalGridAttention | None = None
-        self.grid_cnn: nn.Conv2d | None = None
+        self.grid_cnn: MaskedGridCNN | None = None
         self.norm: nn.LayerNorm | None = None
         if use_local_attention and grid_mixer == "cnn":
-            self.grid_cnn = nn.Conv2d(grid_size, grid_size, kernel_size=2 * window + 1, padding=window)
-            self.norm = nn.LayerNorm(grid_size)
+            # The CNN ends in its own LayerNorm (its residual stream), so no self.norm here.
+            self.grid_cnn = MaskedGridCNN(grid_size, depth=cnn_depth, kernel_size=3)
         elif use_local_attention:
             self.local_attention = LocalGridAttention(
                 grid_size, attn_heads, window, chunk_elements=chunk_elements
@@ -120,16 +127,14 @@ class KnowFreeHead(nn.Module):
         nn.init.constant_(self.classifier.bias, prior_logit(output_prior))
 
     def grid(self, hidden: Tensor, mask: Tensor) -> Tensor:
-        """The classifier input: ``H_B + H_G`` (or ``H_B`` without local attention)."""
+        """The classifier input: ``H_B + H_G`` (``H_B + CNN(H_B)`` with the cnn mixer, ``H_B``
+        without local attention)."""
         if self.input_norm is not None:
             hidden = self.input_norm(hidden)
         grid = self.biaffine(hidden)
-        if self.grid_cnn is not None and self.norm is not None:
-            cells = (mask[:, :, None] & mask[:, None, :]).unsqueeze(-1).to(grid.dtype)
-            # (B, L, L, D) -> (B, D, L, L) for the convolution; padding cells are zeroed first so
-            # that they contribute nothing, as the attention's key mask does.
-            mixed = self.grid_cnn((grid * cells).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-            return grid + self.norm(grid + nn.functional.gelu(mixed))
+        if self.grid_cnn is not None:
+            # Padding cells are zeroed before every convolution, as the attention masks its keys.
+            return grid + self.grid_cnn(grid, mask)
         if self.local_attention is None or self.norm is None:
             return grid
         attended = self.local_attention(grid, mask)

@@ -89,6 +89,7 @@ class KnowFreeModel(nn.Module):
             attn_heads=config.attn_heads,
             use_local_attention=config.use_local_attention,
             grid_mixer=config.grid_mixer,
+            cnn_depth=config.cnn_depth,
             dropout=config.dropout,
             output_prior=config.output_prior,
             input_norm=config.input_norm,
