@@ -498,8 +498,8 @@ def run_tune(job: TuneJobConfig) -> TuneSummary:
     restoring = tune.Tuner.can_restore(experiment)
 
     base = load_config(job.train_config, list(job.train_overrides))
-    if not base.data.dev:
-        raise ConfigError("the objective is dev F1: the train config needs data.dev")
+    if not base.data.dev and base.data.dev_from_train is None:
+        raise ConfigError("the objective is dev F1: the train config needs data.dev or data.dev_from_train")
     # Trials run in Tune's trial folders (another working directory): absolute paths only.
     if base.encoder.name and Path(base.encoder.name).exists():
         base.encoder.name = str(Path(base.encoder.name).resolve())
@@ -510,7 +510,7 @@ def run_tune(job: TuneJobConfig) -> TuneSummary:
     (out / "data").mkdir(exist_ok=True)
     data = prepare_data(base, out / "data", has_checkpoint=restoring)
     if not data.dev:
-        raise ConfigError(f"data.dev ({base.data.dev}) has no sentences: the objective is dev F1")
+        raise ConfigError(f"the dev set ({base.data.dev or 'data.dev_from_train'}) has no sentences: the objective is dev F1")
     setup = TrialSetup(
         base=base,
         data=replace(data, test=[]),  # nothing about test during the search

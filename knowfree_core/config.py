@@ -32,6 +32,11 @@ class DataConfig:
     # Greedy n-way k-shot subset instead (every target label at least k times).
     k_shot: Optional[int] = None
     subset_seed: int = 42
+    # Hold out this many sentences of the training file as the dev set, for corpora that ship
+    # none (exclusive with data.dev): drawn with dev_seed before any subset is sampled from the
+    # rest, so every subset size and seed is scored on the same dev sentences.
+    dev_from_train: Optional[int] = None
+    dev_seed: int = 0
     # Offline annotators that add extension labels to the training data ("lac", "jieba").
     annotators: List[str] = field(default_factory=list)
     # Which annotation steps to run: ent (entities of any type), seg (words), pos.
@@ -78,8 +83,18 @@ class ModelConfig:
     output_prior: float = 0.01  # initial probability of every cell/label (output bias = logit)
     input_norm: bool = False  # LayerNorm on the encoder states before the span head
     use_extension_labels: bool = True
-    alpha_scale: float = 0.5  # alpha_i = alpha_scale * mean target count / C_i
-    alpha_fixed: Optional[float] = None  # one alpha for every extension label instead
+    # How the loss weighs extension label i (knowfree_core.model.loss.ALPHA_SCHEMES):
+    #   eq15    the paper's Appendix H: alpha_i = alpha_scale * (mean target count) / C_i
+    #   uniform alpha_i = alpha_scale for every extension label
+    #   view    each view (ent, seg, pos) weighs alpha_scale * (all target spans) in total:
+    #           alpha_i = alpha_scale * (target spans) / (spans of label i's view)
+    alpha_scheme: str = "eq15"
+    alpha_scale: float = 0.5
+    # Per-view multiplier of alpha (views: ent, seg, pos, other); 0 switches a view off.
+    view_weights: Dict[str, float] = field(default_factory=lambda: {"ent": 1.0, "seg": 1.0, "pos": 1.0})
+    # How alpha changes over training (knowfree_core.model.loss.ALPHA_SCHEDULES): constant (the
+    # paper) or linear (alpha * (1 - fraction of training done): knowledge early, targets late).
+    alpha_schedule: str = "constant"
     # Cap on alpha_i. None follows eq. 15 as published, where a rare extension label outweighs a
     # target label (Ĉ/C_i is large): on UD POS a 5-count LAC tag gets alpha 79 (bench/RESULTS.md).
     alpha_max: Optional[float] = None
@@ -180,6 +195,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
+def with_overrides(config: KnowFreeConfig, overrides: List[str], what: str = "overrides") -> KnowFreeConfig:
+    """A copy of ``config`` with ``key=value`` overrides applied and checked like a file's."""
+    if not overrides:
+        return config
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(config), OmegaConf.from_dotlist(list(overrides)))
+        result: KnowFreeConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"invalid {what} {list(overrides)}: {error}") from error
+    validate_config(result)
+    return result
+
+
 def validate_config(config: KnowFreeConfig) -> None:
     """Checks that types alone cannot express."""
     model = config.model
@@ -191,10 +219,23 @@ def validate_config(config: KnowFreeConfig) -> None:
         raise ConfigError(f"model.decode must be 'flat' or 'nested', got {model.decode!r}")
     if not 0.0 < model.threshold < 1.0:
         raise ConfigError(f"model.threshold must be in (0, 1), got {model.threshold}")
+    if model.alpha_scheme not in ("eq15", "uniform", "view"):
+        raise ConfigError(f"model.alpha_scheme must be eq15, uniform or view, got {model.alpha_scheme!r}")
+    if model.alpha_schedule not in ("constant", "linear"):
+        raise ConfigError(f"model.alpha_schedule must be constant or linear, got {model.alpha_schedule!r}")
+    if model.alpha_scale < 0 or any(w < 0 for w in model.view_weights.values()):
+        raise ConfigError("model.alpha_scale and model.view_weights must be >= 0")
+    unknown_views = set(model.view_weights) - {"ent", "seg", "pos", "other"}
+    if unknown_views:
+        raise ConfigError(f"model.view_weights has unknown views {sorted(unknown_views)}; known: ent, seg, pos, other")
     if config.encoder.unit_mode not in ("auto", "char", "word"):
         raise ConfigError(f"encoder.unit_mode must be auto, char or word, got {config.encoder.unit_mode!r}")
     if config.encoder.pooling not in ("first", "max", "mean"):
         raise ConfigError(f"encoder.pooling must be first, max or mean, got {config.encoder.pooling!r}")
+    if config.data.dev_from_train is not None and config.data.dev:
+        raise ConfigError("data.dev and data.dev_from_train are exclusive: the dev set is a file or held out of train")
+    if config.data.dev_from_train is not None and config.data.dev_from_train < 1:
+        raise ConfigError(f"data.dev_from_train must be at least 1, got {config.data.dev_from_train}")
     if config.data.subset_size is not None and config.data.k_shot is not None:
         raise ConfigError("data.subset_size and data.k_shot are exclusive: choose one sampling mode")
     if config.train.precision not in ("fp32", "bf16", "fp16"):

@@ -15,8 +15,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from knowfree_core.annotators.base import ENT_PREFIX, POS_PREFIX, SEG_LABEL
 from knowfree_core.errors import UnknownLabelError
 from knowfree_core.records import Sentence
+
+#: The views of extension labels (what kind of knowledge a label carries), from the label's
+#: spelling: every annotator names its labels ``SEG``, ``POS-<tag>`` or ``ENT-<type>``
+#: (knowfree_core.annotators.base). Anything else is ``other``.
+VIEWS = ("ent", "seg", "pos", "other")
+
+
+def extension_view(label: str) -> str:
+    """The view of an extension label: ``ent``, ``seg``, ``pos`` or ``other``."""
+    if label == SEG_LABEL:
+        return "seg"
+    if label.startswith(POS_PREFIX):
+        return "pos"
+    if label.startswith(ENT_PREFIX):
+        return "ent"
+    return "other"
 
 _SHOWN_IN_ERRORS = 20
 
@@ -87,6 +104,11 @@ class LabelVocab:
     @property
     def num_extensions(self) -> int:
         return len(self.extensions)
+
+    @property
+    def extension_views(self) -> list[str]:
+        """The view of each extension label, in id order (see :func:`extension_view`)."""
+        return [extension_view(label) for label in self.extensions]
 
     @property
     def labels(self) -> list[str]:

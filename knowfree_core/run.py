@@ -29,7 +29,7 @@ from .formats import read_dataset, write_dataset
 from .labels import LabelVocab
 from .model.knowfree import KnowFreeModel
 from .records import Sentence
-from .sampling import greedy_k_shot, many_shot_subsets
+from .sampling import greedy_k_shot, hold_out, many_shot_subsets
 from .training import (
     EpochCallback,
     TrainResult,
@@ -54,6 +54,18 @@ def load_split(config: KnowFreeConfig, path: Optional[str]) -> list[Sentence]:
     if not path:
         return []
     return read_dataset(path, format=config.data.format, **dict(config.data.read_options or {}))
+
+
+def load_pool_and_dev(config: KnowFreeConfig) -> tuple[list[Sentence], list[Sentence]]:
+    """The training pool and the dev set: ``data.dev``, or ``data.dev_from_train`` sentences
+    held out of the training file (then the pool is the rest)."""
+    pool = load_split(config, config.data.train)
+    if config.data.dev_from_train is None:
+        return pool, load_split(config, config.data.dev)
+    try:
+        return hold_out(pool, config.data.dev_from_train, seed=config.data.dev_seed)
+    except ValueError as error:
+        raise ConfigError(f"data.dev_from_train with {config.data.train}: {error}") from None
 
 
 def select_training_sentences(config: KnowFreeConfig, pool: list[Sentence]) -> list[Sentence]:
@@ -173,7 +185,8 @@ def prepare_data(config: KnowFreeConfig, run_dir: Path, has_checkpoint: Optional
     """Read the splits, take the training subset, add extension labels, build the vocabulary;
     writes config.yaml and train_data.jsonl to ``run_dir``. Resolves ``encoder.unit_mode``.
     A run folder whose checkpoint came from another configuration is refused."""
-    train = select_training_sentences(config, load_split(config, config.data.train))
+    pool, dev = load_pool_and_dev(config)
+    train = select_training_sentences(config, pool)
     if not train:
         raise DataFormatError(str(config.data.train), None, "no training sentences", "at least one sentence")
     limit = config.data.max_train_units
@@ -184,7 +197,6 @@ def prepare_data(config: KnowFreeConfig, run_dir: Path, has_checkpoint: Optional
             config.data.train, len(too_long), limit, too_long[0].id, len(too_long[0]),
         )
         train = [s for s in train if limit is None or len(s) <= limit]
-    dev = load_split(config, config.data.dev)
     test = load_split(config, config.data.test)
     if config.encoder.unit_mode == "auto":
         config.encoder.unit_mode = "word" if train and train[0].joiner == " " else "char"

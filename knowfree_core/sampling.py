@@ -147,3 +147,22 @@ def write_subsets(
     path = out / "manifest.json"
     path.write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def hold_out(sentences: Sequence[Sentence], size: int, *, seed: int) -> tuple[list[Sentence], list[Sentence]]:
+    """``(rest, held_out)``: ``size`` sentences drawn with ``seed`` as a dev set, the rest as the pool.
+
+    For corpora that ship no dev split (UD GSDSimp here, MSRA): without a dev set a run keeps
+    its last epoch and the default threshold blind. The draw depends on its own seed only, so
+    every training subset and seed of a grid sees the same dev set and samples from the same
+    rest; both keep the pool's order.
+    """
+    if size <= 0:
+        raise ValueError(f"the held-out dev set needs a positive size, got {size}")
+    if size >= len(sentences):
+        raise ValueError(f"cannot hold out {size} of {len(sentences)} sentences as dev: nothing would be left to train on")
+    order = list(range(len(sentences)))
+    random.Random(seed).shuffle(order)
+    chosen = set(order[:size])
+    return ([s for i, s in enumerate(sentences) if i not in chosen],
+            [s for i, s in enumerate(sentences) if i in chosen])

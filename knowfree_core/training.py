@@ -246,9 +246,14 @@ class OptimizationStep:
         self.grad_clip = config.grad_clip
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.compute_loss: Callable[[list[Sentence]], torch.Tensor] = model.loss
+        self.model = model
+        self.total_steps = max(1, total_steps)
 
     def __call__(self, batch: list[Sentence]) -> torch.Tensor:
         """Train on ``batch``; returns the (detached) loss."""
+        # The scheduler counts the steps taken (restored with it on resume): model.alpha_schedule
+        # reads how far training is.
+        self.model.training_progress = min(1.0, self.scheduler.last_epoch / self.total_steps)
         with torch.autocast(self.device_type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext():
             loss = self.compute_loss(batch)
         self.optimizer.zero_grad(set_to_none=True)

@@ -116,6 +116,16 @@ def test_extension_columns_get_alpha_and_synthetic_samples_get_beta(encoder_dir)
     assert (uncapped_ext > cap).any()  # the cap has something to do
     assert torch.allclose(capped.label_weights[vocab.num_targets:], uncapped_ext.clamp(max=cap))
     assert torch.all(capped.label_weights[: vocab.num_targets] == 1)
+    # model.alpha_scheme=view with the pos view switched off: every SEG/POS column by its view.
+    by_view = KnowFreeModel.build(
+        EncoderConfig(name=str(encoder_dir), unit_mode="char"),
+        ModelConfig(ffn_size=40, grid_size=40, biaffine_heads=2, attn_heads=4, alpha_scheme="view",
+                    alpha_scale=1.0, view_weights={"ent": 1.0, "seg": 1.0, "pos": 0.0}),
+        vocab,
+    )
+    total_target = sum(vocab.target_counts.values())
+    assert by_view.label_weights[vocab.id("POS-n")].item() == 0.0
+    assert by_view.label_weights[vocab.id("SEG")].item() == pytest.approx(total_target / vocab.extension_counts["SEG"])
 
     # beta = 0: a synthetic sample contributes nothing to the loss.
     real = train[:2]
@@ -131,3 +141,29 @@ def test_extension_columns_get_alpha_and_synthetic_samples_get_beta(encoder_dir)
         as_real = model.loss(real + [Sentence(s.id, s.units, s.spans, s.extension_spans) for s in synthetic])
         weighted = model.loss(real + synthetic)
     assert weighted.item() == pytest.approx(as_real.item(), rel=1e-5)
+
+
+def test_linear_alpha_schedule_fades_extension_weights_as_training_advances(encoder_dir):
+    from knowfree_core.config import TrainConfig
+    from knowfree_core.training import fit
+
+    train = tiny_corpus(8, seed=4)
+    vocab = LabelVocab.from_sentences(train, include_extensions=True)
+    model = KnowFreeModel.build(
+        EncoderConfig(name=str(encoder_dir), unit_mode="char"),
+        ModelConfig(ffn_size=40, grid_size=40, biaffine_heads=2, attn_heads=4, alpha_schedule="linear"),
+        vocab,
+    )
+    full = model.label_weights.clone()
+    targets = vocab.num_targets
+    assert torch.equal(model.current_label_weights(), full)  # progress 0: the full alphas
+    model.training_progress = 0.75
+    halfway = model.current_label_weights()
+    assert torch.equal(halfway[:targets], full[:targets])  # targets always weigh 1
+    assert torch.allclose(halfway[targets:], 0.25 * full[targets:])
+    # fit sets the progress from its step count before every step: 2 epochs x 2 batches.
+    seen = []
+    original = model.loss
+    model.loss = lambda batch: (seen.append(model.training_progress), original(batch))[1]
+    fit(model, train, None, TrainConfig(epochs=2, batch_size=4, seed=1, device="cpu"), progress=False)
+    assert seen == [0.0, 0.25, 0.5, 0.75]

@@ -156,13 +156,39 @@ def test_extension_weights_formula_and_fixed():
     assert torch.allclose(alphas, torch.tensor([0.5 * 20 / 5, 0.5 * 20 / 40, 0.0]))
     alphas = extension_label_weights({"PER": 4}, {"n": 8, "v": 2}, scale=1.0)
     assert torch.allclose(alphas, torch.tensor([0.5, 2.0]))
-    fixed = extension_label_weights([10, 30], [5, 40, 0], fixed=0.3)
-    assert torch.allclose(fixed, torch.full((3,), 0.3))
+    uniform = extension_label_weights([10, 30], [5, 40, 0], scale=0.3, scheme="uniform")
+    assert torch.allclose(uniform, torch.tensor([0.3, 0.3, 0.0]))  # a label without spans learns nothing
     capped = extension_label_weights([10, 30], [5, 40, 0], max_weight=1.0)  # uncapped: 2.0, 0.25, 0
     assert torch.allclose(capped, torch.tensor([1.0, 0.25, 0.0]))
     with pytest.raises(ValueError, match="max extension weight"):
         extension_label_weights([10, 30], [5], max_weight=0.0)
     assert torch.equal(label_weight_vector(2, [0.5, 0.25]), torch.tensor([1.0, 1.0, 0.5, 0.25]))
+
+
+def test_view_scheme_gives_every_view_the_same_share_of_the_target_mass():
+    targets = [100, 50]  # T = 150 target spans
+    ext = [30, 10, 600, 200, 200]  # ent: 40 spans, seg: 600, pos: 400
+    views = ["ent", "ent", "seg", "pos", "pos"]
+    alphas = extension_label_weights(targets, ext, scale=0.5, scheme="view", views=views)
+    # Within a view every label weighs the same, rare or not (eq. 15 would give ENT-10 3x ENT-30).
+    assert alphas[0] == alphas[1] and alphas[3] == alphas[4]
+    for view in ("ent", "seg", "pos"):
+        mass = sum(float(a) * c for a, c, v in zip(alphas, ext, views) if v == view)
+        assert mass == pytest.approx(0.5 * 150)  # each view: scale x the target positives
+
+
+def test_view_weights_switch_views_off_and_the_cap_applies_last():
+    views = ["ent", "seg", "pos"]
+    alphas = extension_label_weights([40], [10, 100, 20], scale=1.0, scheme="eq15", views=views,
+                                     view_weights={"pos": 0.0, "seg": 2.0})
+    assert torch.allclose(alphas, torch.tensor([4.0, 0.8, 0.0]))
+    capped = extension_label_weights([40], [10, 100, 20], scale=1.0, scheme="eq15", views=views,
+                                     view_weights={"seg": 2.0}, max_weight=1.0)
+    assert torch.allclose(capped, torch.tensor([1.0, 0.8, 1.0]))
+    with pytest.raises(ValueError, match="views"):
+        extension_label_weights([40], [10, 100], scheme="view")  # no views given
+    with pytest.raises(ValueError, match="scheme"):
+        extension_label_weights([40], [10], scheme="inverse", views=["ent"])
 
 
 def _loss_batch(seed: int = 0):

@@ -28,7 +28,7 @@ from ..errors import KnowFreeError
 from ..labels import LabelVocab
 from ..records import Sentence, Span
 from .head import KnowFreeHead, span_grid_mask
-from .loss import extension_label_weights, label_weight_vector, span_bce_loss
+from .loss import extension_label_weights, extension_weight_factor, label_weight_vector, span_bce_loss
 from .targets import build_span_targets
 
 FORMAT_VERSION = 1
@@ -48,6 +48,17 @@ def _encoder_options(config: EncoderConfig) -> dict:
     }
 
 
+def _current_model_options(saved: dict) -> dict:
+    """A saved manifest's model options in today's names: models saved before
+    ``model.alpha_scheme`` existed wrote ``alpha_fixed`` (one α for every extension label),
+    which is the ``uniform`` scheme. The weights only matter for training, but loading must work."""
+    options = dict(saved)
+    fixed = options.pop("alpha_fixed", None)
+    if fixed is not None:
+        options.update(alpha_scheme="uniform", alpha_scale=fixed)
+    return options
+
+
 class KnowFreeModel(nn.Module):
     def __init__(self, encoder: UnitEncoder, head: KnowFreeHead, vocab: LabelVocab, config: ModelConfig,
                  encoder_config: EncoderConfig):
@@ -61,7 +72,9 @@ class KnowFreeModel(nn.Module):
             [vocab.target_counts.get(label, 0) for label in vocab.targets],
             [vocab.extension_counts.get(label, 0) for label in vocab.extensions],
             scale=config.alpha_scale,
-            fixed=config.alpha_fixed,
+            scheme=config.alpha_scheme,
+            views=vocab.extension_views,
+            view_weights=config.view_weights,
             max_weight=config.alpha_max,
         ) if vocab.num_extensions else torch.zeros(0)
         # A buffer so it follows .to(device); not saved, since labels.json holds the counts it
@@ -69,6 +82,9 @@ class KnowFreeModel(nn.Module):
         self.register_buffer(
             "label_weights", label_weight_vector(vocab.num_targets, alphas), persistent=False
         )
+        #: Fraction of training done (0..1), for ``model.alpha_schedule``; the training loop
+        #: sets it from its step count, so a resumed run continues the same schedule.
+        self.training_progress = 0.0
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -123,7 +139,17 @@ class KnowFreeModel(nn.Module):
             [self.config.beta if s.synthetic else 1.0 for s in batch], device=logits.device
         )
         cell_mask = span_grid_mask(mask, self.config.max_span_length)
-        return span_bce_loss(logits, targets, cell_mask, self.label_weights, sample_weights)
+        return span_bce_loss(logits, targets, cell_mask, self.current_label_weights(), sample_weights)
+
+    def current_label_weights(self) -> torch.Tensor:
+        """The loss's column weights now: targets 1, extension labels α_i times the schedule's
+        factor at ``training_progress`` (set by the training loop before every step)."""
+        factor = extension_weight_factor(self.config.alpha_schedule, self.training_progress)
+        if factor == 1.0:
+            return self.label_weights
+        scale = torch.ones_like(self.label_weights)
+        scale[self.vocab.num_targets:] = factor
+        return self.label_weights * scale
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -193,7 +219,7 @@ class KnowFreeModel(nn.Module):
                 f"{manifest_path}: format_version {manifest.get('format_version')} is not supported "
                 f"(this version reads {FORMAT_VERSION})"
             )
-        model_config = ModelConfig(**manifest["model"])
+        model_config = ModelConfig(**_current_model_options(manifest["model"]))
         encoder_config = EncoderConfig(**manifest["encoder"])
         # The saved encoder directory carries its own options (depth already truncated, layers,
         # pooling, unit mode) and weights, including the learned layer mix.

@@ -5,7 +5,8 @@ Choices, and why:
 * **Full BCE on every column.** Eq. 13 writes only the positive term ``y log P``. Trained alone
   that term is minimised by predicting 1 everywhere, so we use the standard binary cross
   entropy ``-(y log P + (1 - y) log(1 - P))`` for every label column, target and extension
-  alike, and multiply the extension columns by α_i (targets by 1).
+  alike, and multiply the extension columns by α_i (targets by 1). How α_i is computed is
+  :data:`ALPHA_SCHEMES` (the paper's eq. 15 is ``eq15``).
 * **Valid cells only.** Cells outside :func:`~knowfree_core.model.head.span_grid_mask`
   (padding, lower triangle, over-long spans) contribute nothing and receive exactly zero
   gradient: their logits are replaced by a constant before the BCE, so even inf/NaN there
@@ -29,6 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "ALPHA_SCHEDULES",
+    "ALPHA_SCHEMES",
+    "extension_weight_factor",
     "extension_label_weights",
     "label_weight_vector",
     "synthetic_sample_weights",
@@ -46,42 +50,94 @@ def _count_values(counts: Counts) -> list[float]:
     return [float(c) for c in counts]
 
 
+#: How the loss weighs extension label i (α_i); ``model.alpha_scheme``.
+#:
+#: * ``eq15`` — the paper's Appendix H, eq. 15: α_i = scale · Ĉ / C_i, Ĉ the mean count of the
+#:   target labels and C_i the count of label i. Every extension label gets the same total
+#:   positive weight (α_i · C_i = scale · Ĉ), so a label seen 3 times weighs 100× one seen 300
+#:   times: on UD POS at 250 sentences a 2-count LAC tag gets α = 103 (bench/RESULTS.md).
+#: * ``uniform`` — α_i = scale for every extension label.
+#: * ``view`` — every view (ent, seg, pos: see :func:`knowfree_core.labels.extension_view`)
+#:   together weighs ``scale`` times the target labels' total positives T, shared equally by its
+#:   labels' spans: α_i = scale · T / C_view(i). A view's pull relative to the targets is then
+#:   one number whatever its size or how its labels are split, and no label is up-weighted for
+#:   being rare.
+ALPHA_SCHEMES = ("eq15", "uniform", "view")
+
+
 def extension_label_weights(
     target_counts: Counts,
     extension_counts: Counts,
     scale: float = 0.5,
-    fixed: float | None = None,
+    scheme: str = "eq15",
+    views: Sequence[str] | None = None,
+    view_weights: Mapping[str, float] | None = None,
     max_weight: float | None = None,
 ) -> Tensor:
-    """α_i = scale · Ĉ / C_i (Appendix H, eq. 15), one per extension label, in input order.
+    """α_i for each extension label, in input order (mappings are read in iteration order).
 
-    Ĉ is the mean count of the target labels, C_i the count of extension label i (mappings are
-    read in their iteration order). ``fixed`` replaces every α_i by that one number. An
-    extension label with C_i = 0 has no positives to learn; it gets α_i = 0 instead of a
-    division by zero. ``max_weight`` caps each α_i, fixed or computed (None: uncapped, as eq. 15
-    is published).
+    ``scheme`` is one of :data:`ALPHA_SCHEMES`; ``views`` names each extension label's view
+    (needed by ``view`` and by ``view_weights``). ``view_weights`` multiplies the α of every
+    label of a view (0 switches a view off; views not named keep 1). ``max_weight`` caps each
+    α_i last (None: uncapped, as eq. 15 is published). An extension label with C_i = 0 has no
+    positives to learn and gets α_i = 0 instead of a division by zero.
     """
     if max_weight is not None and max_weight <= 0:
         raise ValueError(f"max extension weight must be > 0, got {max_weight}")
-    alphas = _uncapped_extension_weights(target_counts, extension_counts, scale, fixed)
+    if scale < 0:
+        raise ValueError(f"extension weight scale must be >= 0, got {scale}")
+    ext = _count_values(extension_counts)
+    if views is not None and len(views) != len(ext):
+        raise ValueError(f"{len(views)} views given for {len(ext)} extension labels")
+    if (scheme == "view" or view_weights) and views is None:
+        raise ValueError(f"alpha scheme {scheme!r} (or view weights) needs views: the view of every extension label")
+    alphas = _scheme_weights(_count_values(target_counts), ext, scale, scheme, views)
+    if view_weights:
+        if any(w < 0 for w in view_weights.values()):
+            raise ValueError(f"view weights must be >= 0, got {dict(view_weights)}")
+        alphas = alphas * torch.tensor([float(view_weights.get(v, 1.0)) for v in views or ()])
     return alphas if max_weight is None else alphas.clamp(max=float(max_weight))
 
 
-def _uncapped_extension_weights(
-    target_counts: Counts, extension_counts: Counts, scale: float, fixed: float | None
+def _scheme_weights(
+    targets: list[float], ext: list[float], scale: float, scheme: str, views: Sequence[str] | None
 ) -> Tensor:
-    ext = _count_values(extension_counts)
-    if fixed is not None:
-        if fixed < 0:
-            raise ValueError(f"fixed extension weight must be >= 0, got {fixed}")
-        return torch.full((len(ext),), float(fixed))
-    targets = _count_values(target_counts)
+    if scheme not in ALPHA_SCHEMES:
+        raise ValueError(f"alpha scheme must be one of {', '.join(ALPHA_SCHEMES)}, got {scheme!r}")
+    if scheme == "uniform":
+        return torch.tensor([float(scale) if c > 0 else 0.0 for c in ext])
     if not targets:
-        raise ValueError("target_counts is empty: the mean target count Ĉ is undefined")
+        raise ValueError("target_counts is empty: the target counts the weights are relative to are undefined")
     if any(c < 0 for c in targets + ext):
         raise ValueError("label counts must be >= 0")
-    mean_target = sum(targets) / len(targets)
-    return torch.tensor([scale * mean_target / c if c > 0 else 0.0 for c in ext])
+    if scheme == "eq15":
+        mean_target = sum(targets) / len(targets)
+        return torch.tensor([scale * mean_target / c if c > 0 else 0.0 for c in ext])
+    view_totals: dict[str, float] = {}
+    for view, count in zip(views or (), ext):
+        view_totals[view] = view_totals.get(view, 0.0) + count
+    total_target = sum(targets)
+    return torch.tensor([
+        scale * total_target / view_totals[view] if c > 0 else 0.0 for view, c in zip(views or (), ext)
+    ])
+
+
+#: How the extension weights change over training; ``model.alpha_schedule``.
+#:
+#: * ``constant`` — α_i throughout (the paper).
+#: * ``linear`` — α_i · (1 − progress), progress running from 0 at the first step to 1 after the
+#:   last: the extension labels shape the shared span features early, and the last epochs (where
+#:   the dev-chosen checkpoint usually is) fit the target labels alone.
+ALPHA_SCHEDULES = ("constant", "linear")
+
+
+def extension_weight_factor(schedule: str, progress: float) -> float:
+    """The multiplier of every α_i at ``progress`` (0..1) of training under ``schedule``."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return max(0.0, 1.0 - float(progress))
+    raise ValueError(f"alpha schedule must be one of {', '.join(ALPHA_SCHEDULES)}, got {schedule!r}")
 
 
 def label_weight_vector(
