@@ -37,17 +37,19 @@ sys.path.insert(0, str(ROOT / "bench"))  # and the results-file module beside th
 
 from jobs.common import RayConfig, init_ray, run_main  # noqa: E402
 from jobs.pipeline import (  # noqa: E402
-    VARIANTS,
     Cell,
     GridConfig,
     PipelineConfig,
     SynthesisStage,
     TrainResources,
+    VariantSpec,
     _cells,
+    check_variants,
 )
 from knowfree_core.config import load_config, load_structured  # noqa: E402
 from knowfree_core.errors import ConfigError  # noqa: E402
 from knowfree_core.safe_paths import child_path  # noqa: E402
+from quality_paired import default_pairs, paired_caption, paired_comparisons, paired_table  # noqa: E402
 from quality_records import (  # noqa: E402
     append_result,
     machine_description,
@@ -82,18 +84,28 @@ class DatasetEntry:
     variants: List[str] = field(default_factory=list)
     #: ... or several, when seeds or variants differ between sizes (then leave the four above empty).
     grids: List[GridConfig] = field(default_factory=list)
+    #: Named variants of this dataset only (beside the config's shared ``custom_variants``).
+    custom_variants: Dict[str, VariantSpec] = field(default_factory=dict)
 
 
 @dataclass
 class QualityConfig:
     datasets: Dict[str, DatasetEntry] = field(default_factory=dict)
+    #: Named variants every dataset may list (jobs.pipeline's VariantSpec: F's training file, or
+    #: the plain subset, with training overrides), e.g. knowledge settings compared against F.
+    custom_variants: Dict[str, VariantSpec] = field(default_factory=dict)
     results: str = "bench/quality_results.jsonl"
     runs_dir: str = "runs/quality"
     paper_results: str = "bench/paper_results.yaml"
     ray: RayConfig = field(default_factory=RayConfig)
 
 
-def dataset_grids(name: str, entry: DatasetEntry) -> list[GridConfig]:
+def dataset_variants(config: QualityConfig, entry: DatasetEntry) -> Dict[str, VariantSpec]:
+    """The custom variants a dataset's cells know: the shared ones, then its own (which win)."""
+    return {**config.custom_variants, **entry.custom_variants}
+
+
+def dataset_grids(name: str, entry: DatasetEntry, custom: Dict[str, VariantSpec] | None = None) -> list[GridConfig]:
     flat = GridConfig(k_shot=list(entry.k_shot), subset_sizes=list(entry.subset_sizes),
                       seeds=list(entry.seeds), variants=list(entry.variants))
     if entry.grids and flat != GridConfig():
@@ -102,19 +114,22 @@ def dataset_grids(name: str, entry: DatasetEntry) -> list[GridConfig]:
     for grid in grids:
         if not grid.variants:
             raise ConfigError(f"datasets.{name}: a grid without variants")
-        unknown = [v for v in grid.variants if v not in VARIANTS]
-        if unknown:
-            raise ConfigError(f"datasets.{name}: unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+        try:
+            check_variants(list(grid.variants), dict(custom or {}))
+        except ConfigError as error:
+            raise ConfigError(f"datasets.{name}: {error}") from None
         if not (grid.k_shot or grid.subset_sizes):
             raise ConfigError(f"datasets.{name}: a grid needs subset_sizes or k_shot")
     return grids
 
 
-def pipeline_config(entry: DatasetEntry, grid: GridConfig, output_dir: Path, ray: RayConfig) -> PipelineConfig:
+def pipeline_config(entry: DatasetEntry, grid: GridConfig, output_dir: Path, ray: RayConfig,
+                    custom: Dict[str, VariantSpec] | None = None) -> PipelineConfig:
     return PipelineConfig(
         train_config=entry.train_config, train_overrides=list(entry.train_overrides), output_dir=str(output_dir),
         annotate=dict(entry.annotate), merge=dict(entry.merge), merge_labels=entry.merge_labels,
-        synthesis=entry.synthesis, grid=grid, train_resources=entry.train_resources, ray=ray,
+        synthesis=entry.synthesis, grid=grid, custom_variants=dict(custom or {}),
+        train_resources=entry.train_resources, ray=ray,
     )
 
 
@@ -169,9 +184,10 @@ def plan_cells(config: QualityConfig, selection: Selection) -> list[PlannedCell]
     for dataset, entry in config.datasets.items():
         if not selected(selection, dataset=dataset):
             continue
-        for grid in dataset_grids(dataset, entry):
+        custom = dataset_variants(config, entry)
+        for grid in dataset_grids(dataset, entry, custom):
             runs = child_path(config.runs_dir, dataset, f"datasets.{dataset}")  # a dataset name is a folder
-            pipeline = pipeline_config(entry, grid, runs, config.ray)
+            pipeline = pipeline_config(entry, grid, runs, config.ray, custom)
             for name, overrides in _cells(pipeline):
                 setting, seed = split_cell_name(name)
                 variants = [v for v in grid.variants if selected(selection, variant=v)]
@@ -337,7 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="e.g. dataset=weibo,setting=n250 (keys: dataset, setting, variant, seed)")
     parser.add_argument("--results", help="results file (default: the config's results)")
     parser.add_argument("--dry-run", action="store_true", help="list the cells that would run; run nothing")
-    parser.add_argument("--table-only", action="store_true", help="print the table from the results file")
+    parser.add_argument("--table-only", action="store_true", help="print the tables from the results file")
+    parser.add_argument("--compare", action="append", default=[], metavar="VARIANT:BASELINE",
+                        help="paired table of VARIANT − BASELINE per cell (repeatable; default: every "
+                             "variant against noext and biaffine)")
+    parser.add_argument("--paired-metric", default="test_f1", choices=("test_f1", "dev_f1"),
+                        help="the metric of the paired tables")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
 
@@ -360,10 +381,39 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         print(f"no results in {results_path} yet")
         return 0
+    paper_names = {name: entry.paper_name for name, entry in config.datasets.items()}
     print(CAPTION)
     print()
-    print(quality_table(results, paper, {name: entry.paper_name for name, entry in config.datasets.items()}))
+    print(quality_table(results, paper, paper_names))
+    print_paired_tables(results, [parse_pair(text) for text in args.compare], args.paired_metric, paper_names)
     return 0
+
+
+def parse_pair(text: str) -> tuple[str, str]:
+    variant, sep, baseline = text.partition(":")
+    if not sep or not variant or not baseline:
+        raise ConfigError(f"--compare: expected VARIANT:BASELINE, got {text!r}")
+    return variant, baseline
+
+
+def print_paired_tables(results: list[dict], pairs: list[tuple[str, str]], metric: str,
+                        paper_names: Dict[str, Optional[str]]) -> None:
+    """The paired tables (bench/quality_paired.py) of ``pairs``, or of the default pairs."""
+    latest = latest_results(results)
+    present = [v for v in ROW_ORDER if any(k[2] == v for k in latest)]
+    present += sorted({k[2] for k in latest} - set(present))
+    titles = {name: paper or name for name, paper in paper_names.items()}
+    tables = []
+    for variant, baseline in pairs or default_pairs(present):
+        comparisons = paired_comparisons(latest, variant, baseline, metric)
+        if comparisons:
+            tables.append(paired_table(comparisons, titles, order=list(paper_names)))
+    if tables:
+        print()
+        print(paired_caption(metric))
+        for table in tables:
+            print()
+            print(table)
 
 
 if __name__ == "__main__":

@@ -56,13 +56,13 @@ from jobs.common import RayConfig, init_ray, run_main
 from jobs.merge_labels import MergeJobConfig, run_merge
 from jobs.rowjob import PoolConfig
 from jobs.synthesize import LabelStage, SynthesizeJobConfig, run_synthesis, sampling_defaults
-from knowfree_core.config import KnowFreeConfig, load_config, load_structured
+from knowfree_core.config import KnowFreeConfig, load_config, load_structured, with_overrides
 from knowfree_core.errors import ConfigError
 from knowfree_core.formats import read_dataset, write_dataset
 from knowfree_core.llm.engine import EngineConfig, GenerationParams
 from knowfree_core.merging import LabelMap, apply_label_map
-from knowfree_core.run import load_split, run_training, select_training_sentences
-from knowfree_core.safe_paths import child_path
+from knowfree_core.run import load_pool_and_dev, load_split, run_training, select_training_sentences
+from knowfree_core.safe_paths import child_path, plain_name
 from knowfree_core.synthesis import SynthesisSettings
 
 logger = logging.getLogger("jobs.pipeline")
@@ -80,6 +80,22 @@ VARIANTS = ("F", "FS", "noext", "biaffine", *ABLATIONS)
 TRAIN_DIRS = {"F": "train", "FS": "train_fs", "noext": "train_noext", "biaffine": "train_biaffine"} | {
     name: "train_" + name.lower().replace("-", "_") for name in ABLATIONS
 }
+
+
+@dataclass
+class VariantSpec:
+    """A named variant of a cell beside the built-in ones: F's training file (the fused
+    samples) or, with ``extension_labels: false``, the plain subset, trained with
+    ``train_overrides`` on top of the cell's config. Knowledge settings are compared this way:
+    ``F-view: {train_overrides: [model.alpha_scheme=view]}``."""
+
+    train_overrides: List[str] = field(default_factory=list)
+    extension_labels: bool = True
+    #: jobs.annotate settings that replace the cell's for this variant (e.g. ``annotators:
+    #: [lac, jieba]``, or a trained model as an annotator); empty: F's annotation. A variant
+    #: with its own annotation gets its own ``annotate_<name>/`` and ``merge_<name>/`` folders,
+    #: on the same training subset, so its comparison with F and noext stays paired.
+    annotate: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -131,6 +147,9 @@ class PipelineConfig:
     merge_labels: bool = True
     synthesis: SynthesisStage = field(default_factory=SynthesisStage)
     grid: GridConfig = field(default_factory=GridConfig)
+    #: Named variants beyond the built-in ones (name -> VariantSpec), usable in ``variant`` and
+    #: ``grid.variants``; a name is a plain folder name and must not shadow a built-in variant.
+    custom_variants: Dict[str, VariantSpec] = field(default_factory=dict)
     train_resources: TrainResources = field(default_factory=TrainResources)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -177,12 +196,12 @@ class Cell:
     def subset(self) -> Path:
         path = self.root / "train_subset.jsonl"
         if not path.exists():
-            pool = load_split(self.train_config, self.train_config.data.train)
+            pool, _ = load_pool_and_dev(self.train_config)  # without a held-out dev set
             write_dataset(select_training_sentences(self.train_config, pool), path)
         return path
 
-    def annotate(self, source: Path, out: Path) -> Path:
-        settings = dict(self.config.annotate)
+    def annotate(self, source: Path, out: Path, settings: Optional[Dict[str, Any]] = None) -> Path:
+        settings = dict(self.config.annotate if settings is None else settings)
         settings.setdefault("annotator", (self.train_config.data.annotators or ["lac"])[0])
         settings.setdefault("steps", list(self.train_config.data.annotation_steps))
         annotate_config = _stage_config(AnnotateJobConfig, settings, input=[str(source)], output_dir=str(out))
@@ -190,22 +209,29 @@ class Cell:
         self.stages[out.name] = run_annotation(annotate_config)
         return out / "annotated.jsonl"
 
-    def fused(self) -> Path:
-        """Pipeline 1: the training subset with merged extension labels."""
-        annotated = self.annotate(self.subset(), self.root / "annotate")
+    def fused(self, variant: Optional[str] = None) -> Path:
+        """Pipeline 1: the training subset with merged extension labels -- F's, or those of a
+        custom ``variant`` that brings its own annotation settings."""
+        spec = self.config.custom_variants.get(variant) if variant else None
+        settings, tag = None, ""
+        if spec is not None and spec.annotate:
+            settings = {**self.config.annotate, **spec.annotate}
+            tag = train_dir(variant)[len("train"):]  # "_f_jieba" for F-jieba
+        annotated = self.annotate(self.subset(), self.root / f"annotate{tag}", settings)
         if not self.config.merge_labels:
             return annotated
-        out = self.root / "merge"
+        out = self.root / f"merge{tag}"
         if (out / "summary.json").exists():
-            self.stages["merge"] = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+            self.stages[out.name] = json.loads((out / "summary.json").read_text(encoding="utf-8"))
         else:
             merge_config = _stage_config(MergeJobConfig, dict(self.config.merge), input=str(annotated), output_dir=str(out))
             merge_config.ray = self.config.ray
-            self.stages["merge"] = run_merge(merge_config)
+            self.stages[out.name] = run_merge(merge_config)
         return out / "merged.jsonl"
 
-    def train(self, variant: str, training_file: Path, model_changes: Optional[dict] = None) -> dict:
-        run_dir = self.root / TRAIN_DIRS[variant]
+    def train(self, variant: str, training_file: Path, model_changes: Optional[dict] = None,
+              overrides: Optional[List[str]] = None) -> dict:
+        run_dir = self.root / train_dir(variant)
         metrics_path = run_dir / "metrics.json"
         if metrics_path.exists():  # finished: do not even load the data again
             return json.loads(metrics_path.read_text(encoding="utf-8"))
@@ -219,6 +245,7 @@ class Cell:
             model = replace(model, use_extension_labels=False, use_local_attention=variant != "biaffine")
         model = replace(model, **(model_changes or {}))
         final = replace(base, data=data, model=model, output_dir=str(run_dir))
+        final = with_overrides(final, list(overrides or []), f"train_overrides of variant {variant}")
         return self.trainer(variant, final)
 
     def _train_on_ray(self, variant: str, final: KnowFreeConfig) -> dict:
@@ -231,17 +258,30 @@ class Cell:
     def _jsonl_eval_splits(self, base: KnowFreeConfig) -> dict[str, Any]:
         """The training file is always this cell's JSONL; when the config reads its splits with
         a format or reader options (CoNLL-U ``task: pos``), dev and test get JSONL copies in the
-        cell too, so that one format (jsonl, no options) reads every split."""
-        if not base.data.format and not base.data.read_options:
-            return {}
-        copies: dict[str, Any] = {"format": None, "read_options": {}}
-        for split in ("dev", "test"):
-            source = getattr(base.data, split)
-            if source:
-                target = self.root / f"{split}.jsonl"
-                if not target.exists():
-                    write_dataset(load_split(base, source), target)
-                copies[split] = str(target)
+        cell too, so that one format (jsonl, no options) reads every split. A dev set held out
+        of the training file (``data.dev_from_train``) is written to the cell as ``dev.jsonl``."""
+        copies: dict[str, Any] = {}
+        if base.data.format or base.data.read_options:
+            copies = {"format": None, "read_options": {}}
+            for split in ("dev", "test"):
+                source = getattr(base.data, split)
+                if source:
+                    target = self.root / f"{split}.jsonl"
+                    if not target.exists():
+                        write_dataset(load_split(base, source), target)
+                    copies[split] = str(target)
+        if base.data.dev_from_train is not None:
+            target = self.root / "dev.jsonl"
+            if not target.exists():
+                write_dataset(load_pool_and_dev(base)[1], target)
+            copies.update(dev=str(target), dev_from_train=None)
+            if "format" not in copies:  # the training file is JSONL; so is the held-out dev
+                copies.update(format=None, read_options={})
+                if base.data.test:
+                    test = self.root / "test.jsonl"
+                    if not test.exists():
+                        write_dataset(load_split(base, base.data.test), test)
+                    copies["test"] = str(test)
         return copies
 
     def synthetic(self, fused: Path, f_model: Path) -> Path:
@@ -284,7 +324,7 @@ class Cell:
             path = self.root / "merge" / "merged.jsonl" if self.config.merge_labels else path
         if not left_out:
             return path
-        out = self.root / f"{TRAIN_DIRS[variant]}_data.jsonl"
+        out = self.root / f"{train_dir(variant)}_data.jsonl"
         sentences = [
             replace(s, extension_spans=[e for e in s.extension_spans if not e.source.endswith(left_out)])
             for s in read_dataset(path, format="jsonl")
@@ -312,6 +352,11 @@ class Cell:
         for variant in ("noext", "biaffine"):
             if variant in variants:
                 scores[variant] = _scores(self.train(variant, self.subset()))
+        for variant, spec in self.config.custom_variants.items():
+            if variant in variants:
+                training_file = self.fused(variant) if spec.extension_labels else self.subset()
+                model_changes = None if spec.extension_labels else {"use_extension_labels": False}
+                scores[variant] = _scores(self.train(variant, training_file, model_changes, spec.train_overrides))
         record = {"output_dir": str(self.root), "variants": scores, "stages": self.stages,
                   "beta": self.train_config.model.beta}
         (self.root / "cell.json").write_text(json.dumps(record, ensure_ascii=False, indent=1, default=str),
@@ -319,10 +364,27 @@ class Cell:
         return scores
 
 
-def _check_variants(variants: List[str]) -> None:
-    unknown = [v for v in variants if v not in VARIANTS]
+def train_dir(variant: str) -> str:
+    """A variant's training folder in a cell: ``train``, ``train_noext``, ``train_f_view``."""
+    return TRAIN_DIRS.get(variant) or "train_" + plain_name(variant, "variant").lower().replace("-", "_")
+
+
+def check_variants(variants: List[str], custom: Dict[str, VariantSpec]) -> None:
+    """Every variant is built in or defined in ``custom_variants``, whose names are plain
+    folder names that neither shadow a built-in variant nor share a training folder."""
+    for name in custom:
+        if name in VARIANTS:
+            raise ConfigError(f"custom_variants.{name}: {name} is a built-in variant; choose another name")
+        plain_name(name, f"custom_variants.{name}")
+    folders: dict[str, str] = {}
+    for name in list(VARIANTS) + list(custom):
+        other = folders.setdefault(train_dir(name), name)
+        if other != name:
+            raise ConfigError(f"variants {other} and {name} would share the training folder {train_dir(name)}")
+    known = list(VARIANTS) + list(custom)
+    unknown = [v for v in variants if v not in known]
     if unknown:
-        raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, got {', '.join(map(repr, unknown))}")
+        raise ConfigError(f"variant must be one of {', '.join(known)}, got {', '.join(map(repr, unknown))}")
 
 
 def _cells(config: PipelineConfig) -> list[tuple[str, list[str]]]:
@@ -387,7 +449,7 @@ def cell_table(scores: dict[str, dict]) -> str:
 
 def run_pipeline(config: PipelineConfig) -> dict:
     variants = list(config.grid.variants) or [config.variant]
-    _check_variants(variants)
+    check_variants(variants, config.custom_variants)
     out = Path(config.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cells = _cells(config)
@@ -400,7 +462,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
         logger.info("cell %s done: %s", name or out.name,
                     ", ".join(f"{v} test F1 {s['test']['f1']:.4f}" for v, s in scores.items() if s.get("test")))
 
-    columns = [v for v in VARIANTS if any(v in scores for scores in results.values())]
+    columns = [v for v in (*VARIANTS, *config.custom_variants) if any(v in scores for scores in results.values())]
     if len(cells) == 1 and not cells[0][0]:
         table = cell_table(results[""])
     else:
@@ -419,7 +481,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="annotate → merge → train (F); + synthesize → retrain (FS)")
     parser.add_argument("--config", required=True, help="pipeline YAML config")
-    parser.add_argument("--variant", choices=VARIANTS, help="overrides the config's variant")
+    parser.add_argument("--variant", help=f"overrides the config's variant ({', '.join(VARIANTS)} or a custom one)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     overrides = list(args.set) + ([f"variant={args.variant}"] if args.variant else [])

@@ -156,3 +156,67 @@ def test_one_tiny_cell_end_to_end_and_a_rerun_runs_nothing(ray_cluster, tmp_path
     assert quality.main(["--config", str(config_path)]) == 0
     assert results.read_text(encoding="utf-8").splitlines() == lines
     assert "| noext |" in capsys.readouterr().out
+
+
+def _paired_module():
+    return sys.modules.get("quality_paired") or __import__("quality_paired")
+
+
+def test_paired_differences_wins_and_p_values_per_cell():
+    paired = _paired_module()
+    results = []
+    for seed, (f, noext) in enumerate([(0.50, 0.49), (0.51, 0.49), (0.52, 0.49), (0.53, 0.49), (0.54, 0.49)], 1):
+        results += [_result("weibo", "n250", "F", seed, f), _result("weibo", "n250", "noext", seed, noext)]
+    results.append(_result("weibo", "n250", "F", 6, 0.6))  # no noext partner: not paired
+    results.append(_result("ud", "n250", "F", 1, 0.70))
+    results.append(_result("ud", "n250", "noext", 1, 0.75))
+    latest = quality.latest_results(results)
+    by_cell = {(c.dataset, c.setting): c for c in paired.paired_comparisons(latest, "F", "noext")}
+    weibo = by_cell["weibo", "n250"]
+    assert weibo.seeds == [1, 2, 3, 4, 5]
+    assert weibo.differences == pytest.approx([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert weibo.mean == pytest.approx(3.0) and weibo.sd == pytest.approx(1.5811, abs=1e-4)
+    assert (weibo.wins, weibo.losses, weibo.ties) == (5, 0, 0)
+    # 5 of 5 seeds the same way: both exact two-sided tests give 2 / 2^5.
+    assert weibo.sign_p == pytest.approx(0.0625) and weibo.wilcoxon_p == pytest.approx(0.0625)
+    ud = by_cell["ud", "n250"]
+    assert ud.differences == pytest.approx([-5.0]) and ud.sd is None and ud.wilcoxon_p is None
+    assert ud.sign_p == pytest.approx(1.0)
+    table = paired.paired_table(list(by_cell.values()), {"weibo": "Weibo", "ud": "UD"}, order=["weibo", "ud"])
+    lines = table.splitlines()
+    assert lines[0].startswith("| cell | F − noext (points) |")
+    assert lines[2].startswith("| Weibo n250 (5 seeds) | +3.0 ± 1.6 | 1: +1.0, 2: +2.0")
+    assert "| 5 / 0 / 0 | 0.062 | 0.062 |" in lines[2]
+    assert lines[3].startswith("| UD n250 (1 seeds) | −5.0 |")
+
+
+def test_default_pairs_and_the_compare_option(tmp_path, capsys):
+    paired = _paired_module()
+    assert paired.default_pairs(["biaffine", "noext", "F", "F-view"]) == [
+        ("F", "noext"), ("F-view", "noext"), ("F", "biaffine"), ("F-view", "biaffine"), ("noext", "biaffine")]
+    results = tmp_path / "results.jsonl"
+    results.write_text("\n".join(json.dumps(_result("weibo", "n250", v, s, f)) for v, s, f in [
+        ("F", 1, 0.5), ("noext", 1, 0.4), ("F", 2, 0.5), ("noext", 2, 0.45)]) + "\n", encoding="utf-8")
+    config = tmp_path / "quality.yaml"
+    config.write_text(yaml.safe_dump({"datasets": {"weibo": {"paper_name": "Weibo", "train_config": "x.yaml",
+                                                             "subset_sizes": [250], "seeds": [1],
+                                                             "variants": ["F"]}}}), encoding="utf-8")
+    assert quality.main(["--config", str(config), "--results", str(results), "--table-only",
+                         "--compare", "F:noext"]) == 0
+    out = capsys.readouterr().out
+    assert "| Weibo n250 (2 seeds) | +7.5 ± 3.5 | 1: +10.0, 2: +5.0 | 2 / 0 / 0 | 0.500 | 0.500 |" in out
+    with pytest.raises(quality.ConfigError, match="VARIANT:BASELINE"):
+        quality.parse_pair("F")
+
+
+def test_custom_variants_are_planned_from_the_shared_and_dataset_sections(tmp_path):
+    config = quality.load_structured(quality.QualityConfig, None, [
+        "custom_variants={F-view: {train_overrides: [model.alpha_scheme=view]}}",
+        "datasets={tiny: {train_config: x.yaml, subset_sizes: [10], seeds: [1], variants: [F-view, F-ud],"
+        " custom_variants: {F-ud: {train_overrides: [model.view_weights.pos=0]}}}}"])
+    cells = quality.plan_cells(config, {})
+    assert [c.variants for c in cells] == [["F-view", "F-ud"]]
+    assert set(cells[0].pipeline.custom_variants) == {"F-view", "F-ud"}
+    with pytest.raises(quality.ConfigError, match="F-other"):
+        quality.dataset_grids("tiny", quality.DatasetEntry(train_config="x.yaml", subset_sizes=[10],
+                                                           variants=["F-other"]), config.custom_variants)

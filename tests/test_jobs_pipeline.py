@@ -197,3 +197,76 @@ def test_splits_read_with_reader_options_get_jsonl_copies_for_training(tmp_path)
     expected = read_dataset(fixtures / "tiny.conllu", format="conllu", task="pos")
     assert [s.spans for s in read_dataset(copies["dev"])] == [s.spans for s in expected]
     assert cell._jsonl_eval_splits(load_config(None, [f"data.train={fixtures / 'tiny.jsonl'}"])) == {}
+
+
+def test_custom_variants_train_f_or_the_plain_subset_with_their_overrides(tmp_path):
+    from jobs.pipeline import Cell, check_variants, train_dir
+    from knowfree_core.config import KnowFreeConfig
+    from knowfree_core.errors import ConfigError
+    from knowfree_core.formats import write_dataset
+    from model_fixtures import tiny_corpus
+
+    config = load_structured(PipelineConfig, None, [
+        "train_config=x.yaml", f"output_dir={tmp_path}",
+        "custom_variants={F-view: {train_overrides: [model.alpha_scheme=view, model.view_weights.pos=0]},"
+        " noext-long: {extension_labels: false, train_overrides: [train.epochs=40]}}"])
+    check_variants(["F", "F-view", "noext-long"], config.custom_variants)
+    with pytest.raises(ConfigError, match="F-typo"):
+        check_variants(["F-typo"], config.custom_variants)
+    with pytest.raises(ConfigError, match="built-in"):
+        check_variants(["F"], {"noext": config.custom_variants["F-view"]})
+    with pytest.raises(ConfigError, match="plain name"):
+        check_variants(["../x"], {"../x": config.custom_variants["F-view"]})
+
+    (tmp_path / "merge").mkdir()
+    (tmp_path / "merge" / "summary.json").write_text("{}", encoding="utf-8")
+    write_dataset(tiny_corpus(6, seed=1), tmp_path / "merge" / "merged.jsonl")
+    write_dataset(tiny_corpus(6, seed=1), tmp_path / "train_subset.jsonl")
+    finals = {}
+
+    def trainer(variant, final):
+        finals[variant] = final
+        return {"test": {"f1": 0.5}, "dev": None, "best_epoch": 1, "train_sentences": 6}
+
+    cell = Cell(config, KnowFreeConfig(), tmp_path, trainer=trainer)
+    cell.fused = lambda variant=None: tmp_path / "merge" / "merged.jsonl"  # pipeline 1 is not under test here
+    scores = cell.run(["F-view", "noext-long"])
+    assert set(scores) == {"F-view", "noext-long"}
+    view = finals["F-view"]
+    assert view.model.alpha_scheme == "view" and view.model.view_weights["pos"] == 0.0
+    assert view.model.use_extension_labels and view.data.train == str(tmp_path / "merge" / "merged.jsonl")
+    assert view.output_dir == str(tmp_path / "train_f_view") == str(tmp_path / train_dir("F-view"))
+    long = finals["noext-long"]
+    assert long.train.epochs == 40 and not long.model.use_extension_labels
+    assert long.data.train == str(tmp_path / "train_subset.jsonl")
+
+
+def test_a_custom_variant_with_its_own_annotation_gets_its_own_folders(tmp_path):
+    from jobs.pipeline import Cell
+    from knowfree_core.config import KnowFreeConfig
+    from knowfree_core.formats import write_dataset
+    from model_fixtures import tiny_corpus
+
+    config = load_structured(PipelineConfig, None, [
+        "train_config=x.yaml", f"output_dir={tmp_path}", "merge_labels=false",
+        "annotate={annotator: lac, pool: {num_actors: 1}}",
+        "custom_variants={F-jieba: {annotate: {annotator: jieba}}, F-view: {train_overrides: [model.alpha_scheme=view]}}"])
+    write_dataset(tiny_corpus(6, seed=1), tmp_path / "train_subset.jsonl")
+    annotations = []
+
+    def annotate(source, out, settings=None):  # records what jobs.annotate would be asked
+        out.mkdir(exist_ok=True)
+        write_dataset(tiny_corpus(6, seed=1), out / "annotated.jsonl")
+        annotations.append((out.name, (settings or config.annotate)["annotator"]))
+        return out / "annotated.jsonl"
+
+    finals = {}
+    cell = Cell(config, KnowFreeConfig(), tmp_path,
+                trainer=lambda variant, final: (finals.setdefault(variant, final), {"train_sentences": 6})[1])
+    cell.annotate = annotate
+    cell.run(["F", "F-jieba", "F-view"])
+    assert annotations == [("annotate", "lac"), ("annotate_f_jieba", "jieba"), ("annotate", "lac")]
+    assert finals["F-jieba"].data.train == str(tmp_path / "annotate_f_jieba" / "annotated.jsonl")
+    assert finals["F-view"].data.train == finals["F"].data.train == str(tmp_path / "annotate" / "annotated.jsonl")
+    # The pool settings of the cell's annotation are kept under the variant's own annotator.
+    assert {**config.annotate, **config.custom_variants["F-jieba"].annotate}["pool"] == {"num_actors": 1}
