@@ -4,9 +4,10 @@
     ray job submit --working-dir . -- python -m jobs.annotate --config ...
 
 input (any dataset format, or a folder of raw text) → JSONL shards with stable ids →
-``read_json`` → ``map_batches`` into a pool of annotator actors (offline tools or an LLM
-engine) → JSONL/Parquet row files → ``annotated.jsonl`` (what ``knowfree train`` reads)
-and ``summary.json``.
+``read_json`` → ``map_batches`` into a pool of annotator actors (offline tools, a trained
+KnowFREE model or an LLM engine; several of them in turn on each batch with
+``annotators: [lac, jieba]``) → JSONL/Parquet row files → ``annotated.jsonl`` (what
+``knowfree train`` reads) and ``summary.json``.
 
 Resume: Ray Data's own checkpointing (``DataContext.checkpoint_config`` keyed on the id
 column) records the ids of every written row; the same command after a crash skips them.
@@ -20,9 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import MISSING
 
@@ -31,6 +32,7 @@ from jobs.rowjob import (
     OUTPUT_FORMATS, JobPaths, PoolConfig, actor_restarts, check_or_start, count_rows, map_rows_with_actors,
 )
 from knowfree_core.annotation import AnnotatorSpec, BatchAnnotator, collect_output, prepare_input
+from knowfree_core.annotators.base import Annotator
 from knowfree_core.config import load_structured, structured_to_dict
 from knowfree_core.errors import ConfigError
 from knowfree_core.llm.engine import EngineConfig, GenerationParams
@@ -40,7 +42,7 @@ logger = logging.getLogger("jobs.annotate")
 
 @dataclass
 class LLMSettings:
-    """Used when ``annotator: llm``."""
+    """Used when ``annotator: llm`` (or ``llm`` is in ``annotators``)."""
 
     engine: EngineConfig = field(default_factory=EngineConfig)
     language: str = "zh"
@@ -61,9 +63,18 @@ class AnnotateJobConfig:
     joiner: str = ""  # raw text: "" splits characters (zh), " " whitespace tokens (en)
     output_dir: str = MISSING
     output_format: str = "jsonl"  # row files: jsonl or parquet
-    annotator: str = "lac"  # lac | jieba | llm | package.module:Class
-    #: Constructor options of a non-LLM annotator (e.g. a user's own class).
+    annotator: str = "lac"  # lac | jieba | llm | knowfree | package.module:Class
+    #: Several annotators, run in turn on each batch in every actor, e.g. [lac, jieba]: each
+    #: writes its own sources (lac:pos, jieba:pos ...), so ablations can drop one. Empty: the
+    #: one ``annotator``; when set, ``annotator`` is ignored (jobs.pipeline always fills it in).
+    annotators: List[str] = field(default_factory=list)
+    #: Constructor options. With ``annotator``: that annotator's options (e.g. a user's own
+    #: class). With ``annotators``: options by annotator name, e.g.
+    #: {knowfree: {model: runs/msra-annotator/model, corpus: msra}, jieba: {hmm: false}}.
+    #: An LLM takes its settings from ``llm`` in both cases.
     annotator_options: Dict[str, Any] = field(default_factory=dict)
+    #: Steps to run; each annotator runs those it supports (knowfree: ent only) and the
+    #: others are skipped for it, logged and listed in the summary's ``steps_by_annotator``.
     steps: List[str] = field(default_factory=lambda: ["ent", "seg", "pos"])
     max_units: int = 512
     llm: LLMSettings = field(default_factory=LLMSettings)
@@ -72,20 +83,68 @@ class AnnotateJobConfig:
     restart: bool = False
 
 
-def annotator_spec(config: AnnotateJobConfig) -> AnnotatorSpec:
-    options: dict[str, Any] = dict(config.annotator_options)
-    if config.annotator == "llm":
-        llm = config.llm
-        options = {
-            "engine": asdict(llm.engine),
-            "language": llm.language,
-            "prompts_dir": llm.prompts_dir,
-            "params": asdict(llm.generation),
-            "cache": llm.cache or str(Path(config.output_dir).resolve() / "answers.sqlite"),
-            "source_prefix": llm.source_prefix,
-            "entity_mode": llm.entity_mode,
-        }
-    return AnnotatorSpec(name=config.annotator, steps=tuple(config.steps), options=options, max_units=config.max_units)
+def annotator_names(config: AnnotateJobConfig) -> list[str]:
+    """The annotators the job runs, in order: ``annotators``, or else ``annotator``."""
+    names = list(config.annotators) or [config.annotator]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"annotators lists {', '.join(repeated)} twice; each annotator runs once per sentence")
+    if config.annotators:
+        strays = sorted(set(config.annotator_options) - set(names))
+        if strays:
+            raise ConfigError(
+                f"annotator_options has {', '.join(map(repr, strays))}, which is not in annotators {names}: "
+                "with annotators, annotator_options maps each annotator's name to its options"
+            )
+        not_maps = sorted(k for k, v in config.annotator_options.items() if not isinstance(v, dict))
+        if not_maps:
+            raise ConfigError(f"annotator_options.{not_maps[0]} must be a mapping of constructor options")
+        if "llm" in config.annotator_options:
+            raise ConfigError("annotator_options.llm: the LLM annotator takes its settings from the llm section")
+    return names
+
+
+def _llm_options(config: AnnotateJobConfig) -> dict[str, Any]:
+    llm = config.llm
+    return {
+        "engine": asdict(llm.engine),
+        "language": llm.language,
+        "prompts_dir": llm.prompts_dir,
+        "params": asdict(llm.generation),
+        "cache": llm.cache or str(Path(config.output_dir).resolve() / "answers.sqlite"),
+        "source_prefix": llm.source_prefix,
+        "entity_mode": llm.entity_mode,
+    }
+
+
+def annotator_specs(config: AnnotateJobConfig) -> list[AnnotatorSpec]:
+    """One spec per annotator, each asking for every configured step (``narrow_steps`` then
+    keeps those each annotator supports)."""
+    specs = []
+    for name in annotator_names(config):
+        if name == "llm":
+            options = _llm_options(config)
+        elif config.annotators:
+            options = dict(config.annotator_options.get(name, {}))
+        else:
+            options = dict(config.annotator_options)
+        specs.append(AnnotatorSpec(name=name, steps=tuple(config.steps), options=options, max_units=config.max_units))
+    return specs
+
+
+def narrow_steps(spec: AnnotatorSpec, annotator: Annotator) -> AnnotatorSpec:
+    """``spec`` with the steps ``annotator`` supports; the others are skipped for it (a
+    KnowFREE model has no seg or pos), and an annotator left with none is an error."""
+    supported = tuple(getattr(annotator, "supported_steps", spec.steps))
+    kept = tuple(step for step in spec.steps if step in supported)
+    skipped = [step for step in spec.steps if step not in supported]
+    if not kept:
+        raise ConfigError(
+            f"annotator {spec.name} supports none of steps {list(spec.steps)} (it supports {list(supported)})"
+        )
+    if skipped:
+        logger.info("annotator %s: skipping steps %s (it supports %s)", spec.name, skipped, list(supported))
+    return replace(spec, steps=kept)
 
 
 def _settings_that_change_results(config: AnnotateJobConfig) -> dict[str, Any]:
@@ -95,16 +154,22 @@ def _settings_that_change_results(config: AnnotateJobConfig) -> dict[str, Any]:
     for key in ("max_concurrency", "max_retries", "timeout_s", "api_key_env", "api_key_file", "base_url"):
         llm["engine"].pop(key, None)
     llm.pop("cache", None)
-    return {k: settings[k] for k in ("annotator", "annotator_options", "steps", "max_units", "joiner", "read_options")} | (
-        {"llm": llm} if config.annotator == "llm" else {}
-    )
+    keys = ("annotator", "annotator_options", "steps", "max_units", "joiner", "read_options")
+    compared = {k: settings[k] for k in keys}
+    if config.annotators:
+        # The list replaces ``annotator``, which jobs.pipeline fills in regardless: compare the
+        # list (its order too: it is the order spans are added in) and not the ignored name.
+        # Without a list the settings are as before, so older output folders still resume.
+        del compared["annotator"]
+        compared["annotators"] = list(config.annotators)
+    return compared | ({"llm": llm} if "llm" in annotator_names(config) else {})
 
 
 class AnnotateActor:
-    """One pool member: builds its annotator once, then annotates Arrow batches."""
+    """One pool member: builds its annotators once, then annotates Arrow batches."""
 
-    def __init__(self, spec: dict[str, Any]):
-        self.batch = BatchAnnotator(AnnotatorSpec(**spec))
+    def __init__(self, specs: Sequence[dict[str, Any]]):
+        self.batch = BatchAnnotator([AnnotatorSpec(**spec) for spec in specs])
 
     def __call__(self, table):
         import pyarrow as pa
@@ -138,12 +203,14 @@ def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
         raise ConfigError(f"output_format must be jsonl or parquet, got {config.output_format!r}")
     paths = JobPaths(Path(config.output_dir).resolve())
     paths.root.mkdir(parents=True, exist_ok=True)
-    spec = annotator_spec(config)
-    # Fail fast here (unknown annotator, missing or wrong key, unknown model) rather than
-    # in every actor or, worse, as one rejection per prompt.
-    annotator = spec.build()
-    if hasattr(annotator, "check_access"):
-        annotator.check_access()
+    # Fail fast here (unknown annotator, bad options, missing or wrong key, unknown model or
+    # model folder) rather than in every actor or, worse, as one rejection per sentence.
+    specs = []
+    for spec in annotator_specs(config):
+        annotator = spec.build()
+        specs.append(narrow_steps(spec, annotator))
+        if hasattr(annotator, "check_access"):
+            annotator.check_access()
 
     prepared = prepare_input(config.input, paths.prepared, config.format, dict(config.read_options), config.joiner)
     state = {"input": prepared.fingerprint, "sentences": prepared.sentences, "settings": _settings_that_change_results(config)}
@@ -154,8 +221,8 @@ def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
     started = time.perf_counter()
     restarts = {"actor_starts": 0, "actor_restarts": 0}
     if already < prepared.sentences:
-        map_rows_with_actors(prepared.shards, paths, AnnotateActor, {"spec": asdict(spec)}, config.pool,
-                             config.ray, config.output_format)
+        map_rows_with_actors(prepared.shards, paths, AnnotateActor, {"specs": [asdict(s) for s in specs]},
+                             config.pool, config.ray, config.output_format)
         restarts = actor_restarts(paths, config.pool)
     wall = time.perf_counter() - started
 
@@ -174,7 +241,9 @@ def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
         "written_this_run": written_now,
         "num_actors": config.pool.num_actors,
         **restarts,
-        "annotator": config.annotator,
+        "annotator": "+".join(spec.name for spec in specs),
+        "annotators": [spec.name for spec in specs],
+        "steps_by_annotator": {spec.name: list(spec.steps) for spec in specs},
         "annotated": str(paths.result),
     }
     paths.summary.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")

@@ -7,7 +7,8 @@ Flow::
     prepare_input(inputs)   any dataset format, or raw text (one sentence per line)
         → JSONL shards of {"id", "order", "record"}   (ids unique and stable across runs,
                                                        which is what resume keys on)
-    BatchAnnotator(spec)(rows) → output rows           (one per input row, never dropped)
+    BatchAnnotator(specs)(rows) → output rows          (one per input row, never dropped;
+                                                        several annotators run in turn)
     collect_output(rows_dir) → annotated.jsonl + summary
 
 An output row keeps the original sentence with its new extension spans, the raw answers,
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from knowfree_core.annotators import apply_annotations, get_annotator
-from knowfree_core.annotators.alignment import Rejection
+from knowfree_core.annotators.alignment import REASON_TOO_LONG, Rejection
 from knowfree_core.annotators.base import STEPS, AnnotationResult, Annotator
 from knowfree_core.errors import ConfigError, DataFormatError
 from knowfree_core.formats import read_dataset
@@ -34,7 +35,6 @@ from knowfree_core.records import Sentence
 
 logger = logging.getLogger(__name__)
 
-REASON_TOO_LONG = "sentence too long"
 REASON_BATCH_FAILED = "annotator failed"
 
 #: Files read as raw text (one sentence per line) when the input is a folder.
@@ -46,10 +46,13 @@ class AnnotatorSpec:
     """Which annotator runs and with what: enough to rebuild it inside a Ray actor.
 
     name
-        ``lac``, ``jieba``, ``llm`` or ``package.module:Class`` (a user's Annotator).
+        ``lac``, ``jieba``, ``llm``, ``knowfree`` or ``package.module:Class`` (a user's Annotator).
+    steps
+        The steps this annotator runs (a subset of its ``supported_steps``).
     options
         Constructor keyword arguments (for ``llm``: ``engine``, ``language``,
-        ``prompts_dir``, ``params``, ``cache``, ``source_prefix``).
+        ``prompts_dir``, ``params``, ``cache``, ``source_prefix``; for ``knowfree``: ``model``,
+        ``corpus``, ``label_prefix`` ...).
     max_units
         Longer sentences are passed through unannotated with a counted rejection: a prompt
         past the model's context would fail anyway, and a tool may slow down badly.
@@ -163,77 +166,122 @@ def prepare_input(
 # -- one batch ----------------------------------------------------------------------------
 
 
-def _rejection_dicts(result: AnnotationResult) -> list[dict[str, str]]:
-    return [{"step": r.step, "reason": r.reason, "detail": r.detail} for r in result.rejections]
+def _rejection_dicts(annotator: str, result: AnnotationResult) -> list[dict[str, str]]:
+    return [{"annotator": annotator, "step": r.step, "reason": r.reason, "detail": r.detail}
+            for r in result.rejections]
 
 
 class BatchAnnotator:
     """Annotates batches of prepared rows; one instance per worker (a Ray actor).
 
+    ``specs`` is one annotator or several: several run in turn on the same batch, each adding
+    the spans of its own sources (``lac:pos``, ``jieba:pos`` ...), as ``jobs.annotate``'s
+    ``annotators: [lac, jieba]`` asks. Each is built on first use.
+
     Input rows: ``{"id", "order", "record"}``. Output rows (one per input row, same id):
     ``id``, ``order``, ``record`` (the sentence as JSON with its extension spans),
-    ``annotator``, ``raw_answers`` and ``prompt_versions`` (JSON objects by step),
-    ``rejections`` (JSON list of {step, reason, detail}), ``n_spans``, ``n_rejections``,
-    ``seconds`` (this batch's time, shared by its rows).
+    ``annotator`` (the names, joined by ``+``), ``raw_answers`` and ``prompt_versions`` (JSON
+    objects by step; with several annotators by ``<annotator>/<step>``), ``rejections`` (JSON
+    list of {annotator, step, reason, detail}), ``n_spans``, ``n_rejections``, ``seconds``
+    (this batch's time, shared by its rows).
 
-    If the annotator raises for the whole batch it is retried sentence by sentence, so a
-    sentence that crashes the tool is rejected alone and the rest keep their labels.
+    If an annotator raises for the whole batch it is retried sentence by sentence, so a
+    sentence that crashes the tool is rejected alone, and the other sentences, and the other
+    annotators' spans of that sentence, are kept.
     """
 
-    def __init__(self, spec: AnnotatorSpec | dict):
-        self.spec = spec if isinstance(spec, AnnotatorSpec) else AnnotatorSpec(**spec)
-        self.spec.steps = tuple(self.spec.steps)
-        self._annotator: Annotator | None = None
+    def __init__(self, specs: AnnotatorSpec | dict | Sequence[AnnotatorSpec | dict]):
+        listed = [specs] if isinstance(specs, (AnnotatorSpec, dict)) else list(specs)
+        if not listed:
+            raise ConfigError("BatchAnnotator needs at least one annotator spec")
+        self.specs = [s if isinstance(s, AnnotatorSpec) else AnnotatorSpec(**s) for s in listed]
+        for spec in self.specs:
+            spec.steps = tuple(spec.steps)
+        self._annotators: list[Annotator | None] = [None] * len(self.specs)
+
+    @property
+    def spec(self) -> AnnotatorSpec:
+        """The first (with one annotator, the only) spec."""
+        return self.specs[0]
+
+    @property
+    def name(self) -> str:
+        return "+".join(spec.name for spec in self.specs)
+
+    def annotator_at(self, index: int) -> Annotator:
+        if self._annotators[index] is None:
+            self._annotators[index] = self.specs[index].build()
+        return self._annotators[index]  # type: ignore[return-value]
 
     @property
     def annotator(self) -> Annotator:
-        if self._annotator is None:
-            self._annotator = self.spec.build()
-        return self._annotator
+        return self.annotator_at(0)
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         started = time.perf_counter()
         sentences = [Sentence.from_dict(json.loads(row["record"])) for row in rows]
-        fits = [s for s in sentences if len(s) <= self.spec.max_units]
-        results = {r.sentence_id: r for r in self._annotate(fits)}
-        for sentence in sentences:
-            if len(sentence) > self.spec.max_units:
-                results[sentence.id] = AnnotationResult(
-                    sentence.id,
-                    rejections=[_too_long(len(sentence), self.spec.max_units)],
-                )
-        annotated = {s.id: s for s in apply_annotations(sentences, results.values())}
+        annotated = sentences
+        by_annotator: list[dict[str, AnnotationResult]] = []
+        for index in range(len(self.specs)):
+            results = self._results(index, sentences)
+            by_annotator.append(results)
+            # In turn, as knowfree_core.run.annotate_with: each replaces only its own sources.
+            annotated = apply_annotations(annotated, results.values())
         seconds = time.perf_counter() - started
+        several = len(self.specs) > 1
         out = []
-        for row, sentence in zip(rows, sentences):
-            result = results[sentence.id]
+        for row, sentence, final in zip(rows, sentences, annotated):
+            raw_answers: dict[str, str] = {}
+            prompt_versions: dict[str, str] = {}
+            rejections: list[dict[str, str]] = []
+            n_spans = 0
+            for spec, results in zip(self.specs, by_annotator):
+                result = results[sentence.id]
+                # Two annotators may answer the same step: keyed by annotator when several ran.
+                prefix = f"{spec.name}/" if several else ""
+                raw_answers.update({prefix + step: answer for step, answer in result.raw_answers.items()})
+                prompt_versions.update({prefix + step: v for step, v in result.prompt_versions.items()})
+                rejections.extend(_rejection_dicts(spec.name, result))
+                n_spans += len(result.spans)
             out.append(
                 {
                     "id": str(row["id"]),
                     "order": int(row["order"]),
-                    "record": json.dumps(annotated[sentence.id].to_dict(), ensure_ascii=False),
-                    "annotator": self.spec.name,
-                    "raw_answers": json.dumps(result.raw_answers, ensure_ascii=False),
-                    "prompt_versions": json.dumps(result.prompt_versions, ensure_ascii=False),
-                    "rejections": json.dumps(_rejection_dicts(result), ensure_ascii=False),
-                    "n_spans": len(result.spans),
-                    "n_rejections": len(result.rejections),
+                    "record": json.dumps(final.to_dict(), ensure_ascii=False),
+                    "annotator": self.name,
+                    "raw_answers": json.dumps(raw_answers, ensure_ascii=False),
+                    "prompt_versions": json.dumps(prompt_versions, ensure_ascii=False),
+                    "rejections": json.dumps(rejections, ensure_ascii=False),
+                    "n_spans": n_spans,
+                    "n_rejections": len(rejections),
                     "seconds": seconds / max(len(rows), 1),
                 }
             )
         return out
 
-    def _annotate(self, sentences: list[Sentence]) -> list[AnnotationResult]:
+    def _results(self, index: int, sentences: list[Sentence]) -> dict[str, AnnotationResult]:
+        """One annotator's result per sentence id; sentences over its ``max_units`` are
+        rejected without asking it."""
+        limit = self.specs[index].max_units
+        results = {r.sentence_id: r for r in self._annotate(index, [s for s in sentences if len(s) <= limit])}
+        for sentence in sentences:
+            if len(sentence) > limit:
+                results[sentence.id] = AnnotationResult(sentence.id, rejections=[_too_long(len(sentence), limit)])
+        return results
+
+    def _annotate(self, index: int, sentences: list[Sentence]) -> list[AnnotationResult]:
         if not sentences:
             return []
+        spec = self.specs[index]
         try:
-            return self.annotator.annotate(sentences, steps=self.spec.steps)
+            return self.annotator_at(index).annotate(sentences, steps=spec.steps)
         except Exception as batch_error:  # noqa: BLE001 - retried one by one below
-            logger.warning("annotator failed on a batch of %d (%s); retrying one by one", len(sentences), batch_error)
+            logger.warning("annotator %s failed on a batch of %d (%s); retrying one by one",
+                           spec.name, len(sentences), batch_error)
         results = []
         for sentence in sentences:
             try:
-                results.extend(self.annotator.annotate([sentence], steps=self.spec.steps))
+                results.extend(self.annotator_at(index).annotate([sentence], steps=spec.steps))
             except Exception as error:  # noqa: BLE001 - a counted rejection, never a lost batch
                 results.append(
                     AnnotationResult(
@@ -259,6 +307,8 @@ class AnnotationSummary:
     spans_by_source: dict[str, int] = field(default_factory=dict)
     rejections: int = 0
     rejections_by_reason: dict[str, int] = field(default_factory=dict)
+    #: Several annotators: which of them rejected what (rows of older jobs have no annotator).
+    rejections_by_annotator: dict[str, int] = field(default_factory=dict)
     sentences_with_rejections: int = 0
     annotator_seconds: float = 0.0
     wall_seconds: float | None = None
@@ -275,6 +325,8 @@ class AnnotationSummary:
         lines += [f"  {source:<18} {n}" for source, n in sorted(self.spans_by_source.items())]
         lines.append(f"rejections           {self.rejections} (in {self.sentences_with_rejections} sentences)")
         lines += [f"  {reason:<40} {n}" for reason, n in sorted(self.rejections_by_reason.items(), key=lambda x: -x[1])]
+        if len(self.rejections_by_annotator) > 1:
+            lines += [f"  by {name:<37} {n}" for name, n in sorted(self.rejections_by_annotator.items())]
         if self.sentences_per_second is not None:
             lines.append(f"throughput           {self.sentences_per_second:.1f} sentences/s over {self.wall_seconds:.1f} s")
         return "\n".join(lines)
@@ -284,6 +336,7 @@ def summarize(rows: Iterable[dict[str, Any]]) -> AnnotationSummary:
     summary = AnnotationSummary()
     by_source: Counter[str] = Counter()
     by_reason: Counter[str] = Counter()
+    by_annotator: Counter[str] = Counter()
     for row in rows:
         summary.sentences += 1
         record = json.loads(row["record"])
@@ -292,11 +345,13 @@ def summarize(rows: Iterable[dict[str, Any]]) -> AnnotationSummary:
         if rejections:
             summary.sentences_with_rejections += 1
         by_reason.update(f"{r['step']}: {r['reason']}" if r["step"] else r["reason"] for r in rejections)
+        by_annotator.update(r.get("annotator") or row.get("annotator") or "" for r in rejections)
         summary.annotator_seconds += float(row.get("seconds") or 0.0)
     summary.extension_spans = sum(by_source.values())
     summary.spans_by_source = dict(by_source)
     summary.rejections = sum(by_reason.values())
     summary.rejections_by_reason = dict(by_reason)
+    summary.rejections_by_annotator = dict(by_annotator)
     return summary
 
 

@@ -86,7 +86,7 @@ def test_one_bad_sentence_costs_only_itself(tmp_path):
     (tmp_path / "in.txt").write_text("好的\n炸了\n没事\n", encoding="utf-8")
     rows = _rows(prepare_input([tmp_path / "in.txt"], tmp_path / "p", format="text"))
     batch = BatchAnnotator(AnnotatorSpec(name="jieba", steps=("seg",)))
-    batch._annotator = _Exploding()
+    batch._annotators[0] = _Exploding()  # the first (only) annotator, built by hand
     out = batch(rows)
     reasons = [[r["reason"] for r in json.loads(row["rejections"])] for row in out]
     assert reasons == [[], [REASON_BATCH_FAILED], []]

@@ -290,6 +290,8 @@ def test_unknown_annotator_name_lists_known_ones():
     with pytest.raises(ValueError) as info:
         get_annotator("hanlp")
     assert "hanlp" in str(info.value) and "lac" in str(info.value) and "jieba" in str(info.value)
+    # a trained KnowFREE model is registered too (tests/test_knowfree_model_annotator.py)
+    assert "knowfree" in str(info.value)
 
 
 # --- real data -----------------------------------------------------------------------

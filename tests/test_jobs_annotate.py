@@ -17,7 +17,7 @@ from knowfree_core.errors import ConfigError
 from knowfree_core.formats import read_dataset
 
 pytest.importorskip("ray")
-from jobs.annotate import load_job_config, run_annotation  # noqa: E402
+from jobs.annotate import annotator_names, load_job_config, run_annotation  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "weibo_sample" / "train.conll"
@@ -142,3 +142,132 @@ def test_llm_job_against_an_openai_compatible_server(ray_cluster, llm_stub, tmp_
     config.llm.cache = str(tmp_path / "job" / "answers.sqlite")
     run_annotation(config)
     assert len(prompts_sent()) == requests
+
+
+def _first_sentences(tmp_path: Path, count: int) -> Path:
+    path = tmp_path / f"first{count}.jsonl"
+    lines = [json.dumps(s.to_dict(), ensure_ascii=False) for s in read_dataset(SAMPLE)[:count]]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_two_annotators_run_in_turn_and_keep_their_sources(ray_cluster, tmp_path):
+    summary = run_annotation(_config(tmp_path, "annotators=[lac,jieba]", "steps=[ent,seg,pos]"))
+    sources = {f"{tool}:{step}" for tool in ("lac", "jieba") for step in ("ent", "seg", "pos")}
+    assert set(summary["spans_by_source"]) == sources
+    assert summary["annotator"] == "lac+jieba" and summary["annotators"] == ["lac", "jieba"]
+    assert summary["sentences"] == 150 and summary["duplicates_dropped"] == 0
+    annotated = read_dataset(tmp_path / "job" / "annotated.jsonl")
+    assert {e.source for s in annotated for e in s.extension_spans} == sources
+    # per source, the summary counts what annotated.jsonl holds
+    counted: dict[str, int] = {}
+    for sentence in annotated:
+        for span in sentence.extension_spans:
+            counted[span.source] = counted.get(span.source, 0) + 1
+    assert counted == summary["spans_by_source"]
+    # the same label from both tools is one label name, in two sources (ablations drop one)
+    first = annotated[0]
+    assert {e.source for e in first.extension_spans if e.label == "SEG"} == {"lac:seg", "jieba:seg"}
+    # every row says which annotators ran and which of them rejected what
+    rows_file = next((tmp_path / "job" / "rows").glob("*.json"))
+    row = json.loads(rows_file.read_text(encoding="utf-8").splitlines()[0])
+    assert row["annotator"] == "lac+jieba"
+    assert all(r["annotator"] in ("lac", "jieba") for r in json.loads(row["rejections"]))
+
+
+def test_a_changed_annotator_list_is_refused_without_restart(ray_cluster, tmp_path):
+    small = _first_sentences(tmp_path, 4)
+    common = [f"input=[{small}]", "pool.num_actors=1", "steps=[seg]"]
+    first = run_annotation(_config(tmp_path, *common, "annotators=[lac,jieba]"))
+    assert set(first["spans_by_source"]) == {"lac:seg", "jieba:seg"}
+    # the same list again resumes (nothing to do); another list, or another order, is refused
+    assert run_annotation(_config(tmp_path, *common, "annotators=[lac,jieba]"))["written_this_run"] == 0
+    for changed in ("annotators=[lac]", "annotators=[jieba,lac]"):
+        with pytest.raises(ConfigError, match="annotators"):
+            run_annotation(_config(tmp_path, *common, changed))
+    # options are per annotator; a change of them is refused too
+    with pytest.raises(ConfigError, match="annotator_options"):
+        run_annotation(_config(tmp_path, *common, "annotators=[lac,jieba]", "annotator_options.jieba.hmm=false"))
+    again = run_annotation(_config(tmp_path, *common, "annotators=[lac]", "restart=true"))
+    assert set(again["spans_by_source"]) == {"lac:seg"} and again["written_this_run"] == 4
+
+
+def test_annotator_list_options_are_checked_before_any_work(tmp_path):
+    def names(*overrides):
+        return annotator_names(_config(tmp_path, *overrides))
+
+    assert names() == ["lac"] and names("annotators=[lac,jieba]", "annotator=llm") == ["lac", "jieba"]
+    with pytest.raises(ConfigError, match="twice"):
+        names("annotators=[lac,lac]")
+    with pytest.raises(ConfigError, match="maps each annotator's name"):
+        names("annotators=[lac,knowfree]", "annotator_options.model=/some/model")
+    with pytest.raises(ConfigError, match="llm section"):
+        names("annotators=[lac,llm]", "annotator_options.llm.language=en")
+
+
+def test_a_pipeline_annotate_section_with_annotators_passes_through(tmp_path, monkeypatch):
+    """jobs.pipeline fills in ``annotator`` (the train config's first annotator) and hands its
+    ``annotate:`` section to AnnotateJobConfig: the list wins."""
+    import jobs.pipeline as pipeline
+    from jobs.annotate import annotator_specs
+    from knowfree_core.config import KnowFreeConfig
+
+    captured = []
+    monkeypatch.setattr(pipeline, "run_annotation", lambda config: captured.append(config) or {})
+    config = pipeline.PipelineConfig(
+        train_config="unused.yaml", output_dir=str(tmp_path),
+        annotate={"annotators": ["lac", "jieba"], "annotator_options": {"jieba": {"hmm": False}}},
+    )
+    pipeline.Cell(config, KnowFreeConfig(), tmp_path).annotate(SAMPLE, tmp_path / "annotate")
+    (job,) = captured
+    specs = annotator_specs(job)
+    assert [(s.name, s.options) for s in specs] == [("lac", {}), ("jieba", {"hmm": False})]
+    assert job.annotator == "lac"  # filled in by the pipeline, ignored with a list
+
+
+def test_a_knowfree_model_annotates_in_the_actor_pool_next_to_jieba(ray_cluster, tmp_path):
+    """The knowfree annotator built inside Ray actors from its spec; it runs only ``ent`` of
+    the job's steps, jieba all of them."""
+    from knowfree_core.config import TrainConfig
+    from knowfree_core.formats import write_dataset
+    from knowfree_core.training import fit
+
+    from model_fixtures import build_tiny_model, make_random_encoder, tiny_corpus
+
+    train = tiny_corpus(24, seed=1, with_extensions=False)
+    model = build_tiny_model(make_random_encoder(tmp_path / "encoder"), train)
+    fit(model, train, None, TrainConfig(epochs=6, batch_size=8, encoder_lr=1e-3, head_lr=3e-3, warmup_ratio=0.0,
+                                        seed=13), progress=False)
+    model_dir = model.save_pretrained(tmp_path / "model")
+    sentences = tiny_corpus(12, seed=7, prefix="q", with_extensions=False)
+    write_dataset(sentences, tmp_path / "input.jsonl")
+
+    summary = run_annotation(_config(
+        tmp_path, f"input=[{tmp_path / 'input.jsonl'}]", "pool.num_actors=1", "pool.batch_size=5",
+        "annotators=[jieba,knowfree]", f"annotator_options.knowfree.model={model_dir}",
+        "annotator_options.knowfree.corpus=tiny", "annotator_options.knowfree.batch_size=4",
+    ))
+    assert summary["steps_by_annotator"] == {"jieba": ["ent", "seg", "pos"], "knowfree": ["ent"]}
+    expected = sum(map(len, model.predict(sentences)))
+    assert expected > 0 and summary["spans_by_source"]["tiny:ent"] == expected
+    assert summary["rejections"] == 0
+    annotated = read_dataset(tmp_path / "job" / "annotated.jsonl")
+    labels = {e.label for s in annotated for e in s.extension_spans if e.source == "tiny:ent"}
+    assert labels and labels <= {"ENT-tiny.PER", "ENT-tiny.LOC"}
+
+
+def test_an_llm_in_the_list_runs_next_to_an_offline_tool(ray_cluster, llm_stub, tmp_path):
+    """``llm`` in ``annotators`` takes its settings from ``llm:``; its raw answers and prompt
+    versions are keyed ``llm/<step>`` beside the other annotators' output."""
+    llm_stub.answer = lambda request: json.dumps(
+        [{"entity": request.prompt_text.rsplit("输入：", 1)[-1].strip()[:2], "type": "测试"}], ensure_ascii=False)
+    small = _first_sentences(tmp_path, 4)
+    summary = run_annotation(_config(
+        tmp_path, f"input=[{small}]", "pool.num_actors=1", "annotators=[lac,llm]", "steps=[ent]",
+        "llm.engine.kind=openai", "llm.engine.model=stub", f"llm.engine.base_url={llm_stub.base_url}",
+        "llm.engine.max_retries=0",
+    ))
+    assert set(summary["spans_by_source"]) == {"lac:ent", "llm:ent"} and summary["spans_by_source"]["llm:ent"] >= 4
+    row = json.loads(next((tmp_path / "job" / "rows").glob("*.json")).read_text(encoding="utf-8").splitlines()[0])
+    assert json.loads(row["prompt_versions"]) == {"llm/ent": "ent-zh-v1"}
+    assert "测试" in json.loads(row["raw_answers"])["llm/ent"]

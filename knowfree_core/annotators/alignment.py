@@ -23,6 +23,9 @@ from typing import NamedTuple, Sequence
 REASON_NOT_FOUND = "not found"
 REASON_NOT_ON_UNIT_BOUNDARY = "not on unit boundary"
 REASON_TOOL_ERROR = "tool error"
+#: A sentence longer than an annotator (or the annotation job) accepts: passed through
+#: unannotated. One spelling for all, so that summaries count them together.
+REASON_TOO_LONG = "sentence too long"
 
 
 class Rejection(NamedTuple):

@@ -19,6 +19,9 @@ Labels
     ``ent``      ``ENT_PREFIX`` + type       ``ENT-PER``, ``ENT-ORG``, ``ENT-OTHER``
     ===========  ==========================  =====================================
 
+    A trained KnowFREE model used as an annotator (``knowfree``) puts its corpus tag in the
+    type, ``ENT-<corpus>.<type>`` (``ENT-msra.PER``), so its labels stay apart from LAC's.
+
     ``ExtensionSpan.source`` is ``"<annotator>:<step>"`` (``lac:pos``, ``jieba:seg``), so
     the same label from two tools stays two spans and ablations can drop one source.
 """
@@ -230,6 +233,7 @@ _REGISTRY: dict[str, str] = {
     "lac": "knowfree_core.annotators.lac:LacAnnotator",
     "jieba": "knowfree_core.annotators.jieba_annotator:JiebaAnnotator",
     "llm": "knowfree_core.llm.annotator:LLMAnnotator",
+    "knowfree": "knowfree_core.annotators.knowfree_model:KnowFreeModelAnnotator",
 }
 
 
