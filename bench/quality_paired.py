@@ -127,7 +127,8 @@ def paired_table(comparisons: Sequence[PairedComparison], titles: Mapping[str, s
         spread = "" if c.sd is None else f" ± {c.sd:.1f}"
         per_seed = ", ".join(f"{s}: {_signed(d)}" for s, d in zip(c.seeds, c.differences))
         name = (titles or {}).get(c.dataset) or c.dataset
-        lines.append(f"| {name} {c.setting} ({len(c.seeds)} seeds) | {_signed(c.mean)}{spread} | {per_seed} "
+        seeds = f"{len(c.seeds)} seed" + ("s" if len(c.seeds) > 1 else "")
+        lines.append(f"| {name} {c.setting} ({seeds}) | {_signed(c.mean)}{spread} | {per_seed} "
                      f"| {c.wins} / {c.losses} / {c.ties} | {_p(c.sign_p)} | {_p(c.wilcoxon_p)} |")
     return "\n".join(lines)
 

@@ -187,7 +187,7 @@ def test_paired_differences_wins_and_p_values_per_cell():
     assert lines[0].startswith("| cell | F − noext (points) |")
     assert lines[2].startswith("| Weibo n250 (5 seeds) | +3.0 ± 1.6 | 1: +1.0, 2: +2.0")
     assert "| 5 / 0 / 0 | 0.062 | 0.062 |" in lines[2]
-    assert lines[3].startswith("| UD n250 (1 seeds) | −5.0 |")
+    assert lines[3].startswith("| UD n250 (1 seed) | −5.0 |")
 
 
 def test_default_pairs_and_the_compare_option(tmp_path, capsys):
