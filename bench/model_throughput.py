@@ -238,7 +238,9 @@ def format_table(rows: list[dict]) -> str:
     for r in sorted(rows, key=lambda r: r["phase"] != "train"):
         lines.append(
             f"| {r['phase']} | {r['precision']} | {r['batch_size']} | {r['batches']} | {r['sentences']} | "
-            f"{r['seconds']:.2f} | {r['sentences'] / r['seconds']:.1f} | {r['units'] / r['seconds']:,.0f} | "
+            # Three significant digits: a short tiny-model predict phase takes milliseconds, which
+            # a fixed two decimals printed as 0.00.
+            f"{r['seconds']:.3g} | {r['sentences'] / r['seconds']:.1f} | {r['units'] / r['seconds']:,.0f} | "
             f"{num(r['gpu_mib'], ',.0f')} | {r['rss_mib']:,.0f} | {num(r['loss'], '.4f')} |"
         )
     return "\n".join(lines)
