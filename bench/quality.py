@@ -62,30 +62,19 @@ logger = logging.getLogger("bench.quality")
 
 # -- configuration ---------------------------------------------------------------------------
 
+from jobs.pipeline import CellSettings, schema_fields  # noqa: E402  (the schema a dataset extends)
+
 
 @dataclass
-class DatasetEntry:
-    """One registered dataset: the pipeline settings of its cells and its grid."""
+class DatasetEntry(CellSettings, GridConfig):
+    """One registered dataset: jobs.pipeline's settings of its cells (CellSettings; paths from
+    the repo root, and ``custom_variants`` are this dataset's own, beside the config's shared
+    ones) and its grid: one, in the fields of jobs.pipeline's ``grid`` section (GridConfig) ..."""
 
-    #: The ``knowfree train`` config (data paths, encoder, model, train); paths from the repo root.
-    train_config: str = MISSING
+    #: ... or several, when seeds or variants differ between sizes (then leave those empty).
+    grids: List[GridConfig] = field(default_factory=list)
     #: The paper's column name (Weibo, UD, MSR, ...); None: no paper figure to compare with.
     paper_name: Optional[str] = None
-    train_overrides: List[str] = field(default_factory=list)
-    annotate: Dict[str, Any] = field(default_factory=dict)
-    merge: Dict[str, Any] = field(default_factory=dict)
-    merge_labels: bool = True
-    synthesis: SynthesisStage = field(default_factory=SynthesisStage)
-    train_resources: TrainResources = field(default_factory=TrainResources)
-    # One grid, as jobs.pipeline's ``grid`` section ...
-    subset_sizes: List[int] = field(default_factory=list)
-    k_shot: List[int] = field(default_factory=list)
-    seeds: List[int] = field(default_factory=list)
-    variants: List[str] = field(default_factory=list)
-    #: ... or several, when seeds or variants differ between sizes (then leave the four above empty).
-    grids: List[GridConfig] = field(default_factory=list)
-    #: Named variants of this dataset only (beside the config's shared ``custom_variants``).
-    custom_variants: Dict[str, VariantSpec] = field(default_factory=dict)
 
 
 @dataclass
@@ -106,8 +95,7 @@ def dataset_variants(config: QualityConfig, entry: DatasetEntry) -> Dict[str, Va
 
 
 def dataset_grids(name: str, entry: DatasetEntry, custom: Dict[str, VariantSpec] | None = None) -> list[GridConfig]:
-    flat = GridConfig(k_shot=list(entry.k_shot), subset_sizes=list(entry.subset_sizes),
-                      seeds=list(entry.seeds), variants=list(entry.variants))
+    flat = GridConfig(**schema_fields(entry, GridConfig))
     if entry.grids and flat != GridConfig():
         raise ConfigError(f"datasets.{name}: give grids or subset_sizes/k_shot/seeds/variants, not both")
     grids = list(entry.grids) or [flat]
@@ -125,12 +113,8 @@ def dataset_grids(name: str, entry: DatasetEntry, custom: Dict[str, VariantSpec]
 
 def pipeline_config(entry: DatasetEntry, grid: GridConfig, output_dir: Path, ray: RayConfig,
                     custom: Dict[str, VariantSpec] | None = None) -> PipelineConfig:
-    return PipelineConfig(
-        train_config=entry.train_config, train_overrides=list(entry.train_overrides), output_dir=str(output_dir),
-        annotate=dict(entry.annotate), merge=dict(entry.merge), merge_labels=entry.merge_labels,
-        synthesis=entry.synthesis, grid=grid, custom_variants=dict(custom or {}),
-        train_resources=entry.train_resources, ray=ray,
-    )
+    return PipelineConfig(**(schema_fields(entry, CellSettings) | {"custom_variants": dict(custom or {})}),
+                          output_dir=str(output_dir), grid=grid, ray=ray)
 
 
 # -- the grid and what is left of it --------------------------------------------------------

@@ -23,17 +23,17 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence
 
 from omegaconf import MISSING
 
 from jobs.common import RayConfig, config_arguments, run_main
 from jobs.rowjob import (
-    OUTPUT_FORMATS, JobPaths, PoolConfig, actor_restarts, check_or_start, count_rows, map_rows_with_actors,
+    JobPaths, OutputFormat, PoolConfig, actor_restarts, check_or_start, count_rows, map_rows_with_actors,
 )
 from knowfree_core.annotation import AnnotatorSpec, BatchAnnotator, collect_output, prepare_input
 from knowfree_core.annotators.base import Annotator
-from knowfree_core.config import load_structured, structured_to_dict
+from knowfree_core.config import Step, load_structured, structured_to_dict
 from knowfree_core.errors import ConfigError
 from knowfree_core.llm.engine import EngineConfig, GenerationParams
 
@@ -52,17 +52,19 @@ class LLMSettings:
     #: point it at node-local disk (each node then keeps its own cache).
     cache: Optional[str] = None
     source_prefix: str = "llm"
-    entity_mode: str = "all"
+    #: all: every occurrence of an answered entity in the sentence; first: the first only.
+    entity_mode: Literal["all", "first"] = "all"
 
 
 @dataclass
-class AnnotateJobConfig:
-    input: List[str] = MISSING
+class AnnotateSettings:
+    """Every jobs.annotate setting but where the sentences come from and go to: a pipeline's
+    ``annotate:`` section (jobs.pipeline.AnnotateStage) is this schema."""
+
     format: Optional[str] = None  # null: from the extension; "text": raw lines
     read_options: Dict[str, Any] = field(default_factory=dict)
     joiner: str = ""  # raw text: "" splits characters (zh), " " whitespace tokens (en)
-    output_dir: str = MISSING
-    output_format: str = "jsonl"  # row files: jsonl or parquet
+    output_format: OutputFormat = "jsonl"  # the row files
     annotator: str = "lac"  # lac | jieba | llm | knowfree | package.module:Class
     #: Several annotators, run in turn on each batch in every actor, e.g. [lac, jieba]: each
     #: writes its own sources (lac:pos, jieba:pos ...), so ablations can drop one. Empty: the
@@ -75,12 +77,20 @@ class AnnotateJobConfig:
     annotator_options: Dict[str, Any] = field(default_factory=dict)
     #: Steps to run; each annotator runs those it supports (knowfree: ent only) and the
     #: others are skipped for it, logged and listed in the summary's ``steps_by_annotator``.
-    steps: List[str] = field(default_factory=lambda: ["ent", "seg", "pos"])
+    steps: List[Step] = field(default_factory=lambda: ["ent", "seg", "pos"])
     max_units: int = 512
     llm: LLMSettings = field(default_factory=LLMSettings)
     pool: PoolConfig = field(default_factory=PoolConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
     restart: bool = False
+
+
+@dataclass
+class AnnotateJobConfig(AnnotateSettings):
+    """The job's config file: the settings plus the input files, the output folder and Ray."""
+
+    input: List[str] = MISSING
+    output_dir: str = MISSING
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 def annotator_names(config: AnnotateJobConfig) -> list[str]:
@@ -149,10 +159,8 @@ def narrow_steps(spec: AnnotatorSpec, annotator: Annotator) -> AnnotatorSpec:
 
 def _settings_that_change_results(config: AnnotateJobConfig) -> dict[str, Any]:
     settings = structured_to_dict(config)
-    llm = settings["llm"]
-    # Concurrency, timeouts and the cache location change how fast, not what is computed.
-    for key in ("max_concurrency", "max_retries", "timeout_s", "api_key_env", "api_key_file", "base_url"):
-        llm["engine"].pop(key, None)
+    # The engine's speed-only settings and the cache location change how fast, not what is computed.
+    llm = settings["llm"] | {"engine": config.llm.engine.answer_settings()}
     llm.pop("cache", None)
     keys = ("annotator", "annotator_options", "steps", "max_units", "joiner", "read_options")
     compared = {k: settings[k] for k in keys}
@@ -199,8 +207,6 @@ def output_schema():
 
 def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
     """Run (or resume) the job; returns the summary dict (also written to summary.json)."""
-    if config.output_format not in OUTPUT_FORMATS:
-        raise ConfigError(f"output_format must be jsonl or parquet, got {config.output_format!r}")
     paths = JobPaths(Path(config.output_dir).resolve())
     paths.root.mkdir(parents=True, exist_ok=True)
     # Fail fast here (unknown annotator, bad options, missing or wrong key, unknown model or
@@ -255,11 +261,7 @@ def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
 
 
 def load_job_config(path: str | None, overrides: list[str]) -> AnnotateJobConfig:
-    config = load_structured(AnnotateJobConfig, path, overrides)
-    unknown = set(config.steps) - {"ent", "seg", "pos"}
-    if unknown:
-        raise ConfigError(f"steps has unknown steps {sorted(unknown)}; known: ent, seg, pos")
-    return config
+    return load_structured(AnnotateJobConfig, path, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,13 +17,14 @@ import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Literal, Optional
 
 import numpy as np
 from omegaconf import MISSING
 
 from jobs.annotate import LLMSettings
 from jobs.common import RayConfig, config_arguments, init_ray, run_main
+from jobs.rowjob import ActorPool
 from knowfree_core.config import load_structured
 from knowfree_core.errors import ConfigError
 from knowfree_core.formats import read_dataset, write_dataset
@@ -33,20 +34,13 @@ logger = logging.getLogger("jobs.merge_labels")
 
 
 @dataclass
-class EmbedPool:
-    num_actors: int = 1
-    batch_size: int = 256
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
+class MergeSettings:
+    """Every jobs.merge_labels setting but where the sentences come from and go to: a
+    pipeline's ``merge:`` section is this schema."""
 
-
-@dataclass
-class MergeJobConfig:
-    input: str = MISSING
     format: Optional[str] = None
-    output_dir: str = MISSING
     #: llm (P_merge), file (``groups_file``: {standard: [synonyms]}) or faiss (no LLM).
-    proposer: str = "faiss"
+    proposer: Literal["llm", "file", "faiss"] = "faiss"
     groups_file: Optional[str] = None
     llm: LLMSettings = field(default_factory=LLMSettings)
     embedder: str = "offline-e5"  # or any sentence-transformers model name/path
@@ -55,11 +49,20 @@ class MergeJobConfig:
     p: int = 5
     epsilon: float = 1.5
     sources: Optional[List[str]] = None  # only spans of these sources (e.g. [llm:ent])
-    faiss_method: str = "graph"  # graph (threshold/k links) or kmeans
+    faiss_method: Literal["graph", "kmeans"] = "graph"  # graph (threshold/k links) or kmeans
     faiss_threshold: Optional[float] = None
     faiss_k: Optional[int] = None
     faiss_clusters: Optional[int] = None
-    pool: EmbedPool = field(default_factory=EmbedPool)
+    #: The embedding actors (one sentence-embedding model each).
+    pool: ActorPool = field(default_factory=lambda: ActorPool(num_actors=1, batch_size=256))
+
+
+@dataclass
+class MergeJobConfig(MergeSettings):
+    """The job's config file: the settings plus the input file, the output folder and Ray."""
+
+    input: str = MISSING
+    output_dir: str = MISSING
     ray: RayConfig = field(default_factory=RayConfig)
 
 
@@ -129,8 +132,6 @@ def run_merge(config: MergeJobConfig) -> dict:
         groups = json.loads(Path(config.groups_file).read_text(encoding="utf-8"))
     elif config.proposer == "llm":
         engine = asdict(config.llm.engine)
-    elif config.proposer != "faiss":
-        raise ConfigError(f"proposer must be llm, file or faiss, got {config.proposer!r}")
     merged, label_map = merge_labels(
         sentences,
         None,

@@ -42,21 +42,22 @@ the paper's Table 2.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import statistics
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, TypeVar
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 
-from jobs.annotate import AnnotateJobConfig, run_annotation
+from jobs.annotate import AnnotateJobConfig, AnnotateSettings, run_annotation
 from jobs.common import RayConfig, init_ray, run_main
-from jobs.merge_labels import MergeJobConfig, run_merge
+from jobs.merge_labels import MergeJobConfig, MergeSettings, run_merge
 from jobs.rowjob import PoolConfig
 from jobs.synthesize import LabelStage, SynthesizeJobConfig, run_synthesis, sampling_defaults
-from knowfree_core.config import KnowFreeConfig, load_config, load_structured, with_overrides
+from knowfree_core.config import KnowFreeConfig, Step, load_config, load_structured, with_changes, with_overrides
 from knowfree_core.errors import ConfigError
 from knowfree_core.formats import read_dataset, write_dataset
 from knowfree_core.llm.engine import EngineConfig, GenerationParams
@@ -83,6 +84,16 @@ TRAIN_DIRS = {"F": "train", "FS": "train_fs", "noext": "train_noext", "biaffine"
 
 
 @dataclass
+class AnnotateStage(AnnotateSettings):
+    """A cell's jobs.annotate settings (the pipeline fills in input, output_dir and ray)."""
+
+    #: None: the train config's first ``data.annotators`` entry, else lac.
+    annotator: Optional[str] = None
+    #: None: the train config's ``data.annotation_steps``.
+    steps: Optional[List[Step]] = None
+
+
+@dataclass
 class VariantSpec:
     """A named variant of a cell beside the built-in ones: F's training file (the fused
     samples) or, with ``extension_labels: false``, the plain subset, trained with
@@ -91,11 +102,20 @@ class VariantSpec:
 
     train_overrides: List[str] = field(default_factory=list)
     extension_labels: bool = True
-    #: jobs.annotate settings that replace the cell's for this variant (e.g. ``annotators:
-    #: [lac, jieba]``, or a trained model as an annotator); empty: F's annotation. A variant
-    #: with its own annotation gets its own ``annotate_<name>/`` and ``merge_<name>/`` folders,
-    #: on the same training subset, so its comparison with F and noext stays paired.
+    #: Keys of the cell's ``annotate`` settings (AnnotateStage) that this variant replaces
+    #: (e.g. ``annotators: [lac, jieba]``, or a trained model as an annotator); the cell's other
+    #: keys stay. Empty: F's annotation. A variant with its own annotation gets its own
+    #: ``annotate_<name>/`` and ``merge_<name>/`` folders, on the same training subset, so its
+    #: comparison with F and noext stays paired. A mapping, not an AnnotateStage, because only
+    #: the keys given replace the cell's; they are checked against the schema on loading.
     annotate: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.annotation(AnnotateStage())  # an unknown key or a wrong type fails on loading
+
+    def annotation(self, cell: AnnotateStage) -> AnnotateStage:
+        """This variant's annotate settings: ``cell``'s with the keys of ``annotate`` replaced."""
+        return with_changes(cell, self.annotate, "custom variant annotate")
 
 
 @dataclass
@@ -133,31 +153,48 @@ class GridConfig:
 
 
 @dataclass
-class PipelineConfig:
+class CellSettings:
+    """How the cells of one training config run, stage by stage: what jobs.pipeline's config
+    and each dataset of bench/quality.py share."""
+
     #: The training config (``knowfree train``'s file); data.train/dev/test, subset, model, train.
     train_config: str = MISSING
     train_overrides: List[str] = field(default_factory=list)
-    output_dir: str = MISSING
-    variant: str = "F"
-    #: jobs.annotate settings; input and output_dir are filled in by the pipeline.
-    annotate: Dict[str, Any] = field(default_factory=dict)
-    #: jobs.merge_labels settings; input and output_dir are filled in by the pipeline.
-    merge: Dict[str, Any] = field(default_factory=dict)
+    #: jobs.annotate settings; input, output_dir and ray are filled in by the pipeline.
+    annotate: AnnotateStage = field(default_factory=AnnotateStage)
+    #: jobs.merge_labels settings; input, output_dir and ray are filled in by the pipeline.
+    merge: MergeSettings = field(default_factory=MergeSettings)
     #: Skip merging (e.g. offline annotators whose labels are already standard).
     merge_labels: bool = True
     synthesis: SynthesisStage = field(default_factory=SynthesisStage)
-    grid: GridConfig = field(default_factory=GridConfig)
+    train_resources: TrainResources = field(default_factory=TrainResources)
     #: Named variants beyond the built-in ones (name -> VariantSpec), usable in ``variant`` and
     #: ``grid.variants``; a name is a plain folder name and must not shadow a built-in variant.
     custom_variants: Dict[str, VariantSpec] = field(default_factory=dict)
-    train_resources: TrainResources = field(default_factory=TrainResources)
+
+
+@dataclass
+class PipelineConfig(CellSettings):
+    output_dir: str = MISSING
+    variant: str = "F"
+    grid: GridConfig = field(default_factory=GridConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
-def _stage_config(schema: type, settings: Dict[str, Any], **fixed: Any):
-    """A stage's typed config from the pipeline's free-form section plus the fixed paths."""
-    merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(dict(settings)), OmegaConf.create(fixed))
-    return OmegaConf.to_object(merged)
+def schema_fields(config: Any, schema: type) -> dict[str, Any]:
+    """The values of the dataclass ``schema``'s fields in ``config`` (an instance of a schema
+    that extends it, such as a bench dataset entry's CellSettings and GridConfig), by name."""
+    return {f.name: getattr(config, f.name) for f in fields(schema)}
+
+
+Job = TypeVar("Job")
+
+
+def _job_config(schema: type[Job], settings: Any, **fixed: Any) -> Job:
+    """A stage's job config: the pipeline's typed section for the stage (a copy, so a job
+    cannot change the pipeline's) plus what the pipeline fixes (paths, Ray)."""
+    values = {f.name: copy.deepcopy(getattr(settings, f.name)) for f in fields(settings)}
+    return schema(**(values | fixed))
 
 
 def _train_remote(config: KnowFreeConfig) -> dict:
@@ -200,12 +237,14 @@ class Cell:
             write_dataset(select_training_sentences(self.train_config, pool), path)
         return path
 
-    def annotate(self, source: Path, out: Path, settings: Optional[Dict[str, Any]] = None) -> Path:
-        settings = dict(self.config.annotate if settings is None else settings)
-        settings.setdefault("annotator", (self.train_config.data.annotators or ["lac"])[0])
-        settings.setdefault("steps", list(self.train_config.data.annotation_steps))
-        annotate_config = _stage_config(AnnotateJobConfig, settings, input=[str(source)], output_dir=str(out))
-        annotate_config.ray = self.config.ray
+    def annotate(self, source: Path, out: Path, settings: Optional[AnnotateStage] = None) -> Path:
+        settings = self.config.annotate if settings is None else settings
+        data = self.train_config.data
+        annotate_config = _job_config(
+            AnnotateJobConfig, settings, input=[str(source)], output_dir=str(out), ray=self.config.ray,
+            annotator=(data.annotators or ["lac"])[0] if settings.annotator is None else settings.annotator,
+            steps=list(data.annotation_steps if settings.steps is None else settings.steps),
+        )
         self.stages[out.name] = run_annotation(annotate_config)
         return out / "annotated.jsonl"
 
@@ -215,7 +254,7 @@ class Cell:
         spec = self.config.custom_variants.get(variant) if variant else None
         settings, tag = None, ""
         if spec is not None and spec.annotate:
-            settings = {**self.config.annotate, **spec.annotate}
+            settings = spec.annotation(self.config.annotate)
             tag = train_dir(variant)[len("train"):]  # "_f_jieba" for F-jieba
         annotated = self.annotate(self.subset(), self.root / f"annotate{tag}", settings)
         if not self.config.merge_labels:
@@ -224,8 +263,8 @@ class Cell:
         if (out / "summary.json").exists():
             self.stages[out.name] = json.loads((out / "summary.json").read_text(encoding="utf-8"))
         else:
-            merge_config = _stage_config(MergeJobConfig, dict(self.config.merge), input=str(annotated), output_dir=str(out))
-            merge_config.ray = self.config.ray
+            merge_config = _job_config(MergeJobConfig, self.config.merge, input=str(annotated), output_dir=str(out),
+                                       ray=self.config.ray)
             self.stages[out.name] = run_merge(merge_config)
         return out / "merged.jsonl"
 

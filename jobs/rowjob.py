@@ -15,25 +15,33 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 from jobs.common import RayConfig, init_ray
 from knowfree_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_FORMATS = ("jsonl", "parquet")
+#: How a row job writes its row files.
+OutputFormat = Literal["jsonl", "parquet"]
 
 
 @dataclass
-class PoolConfig:
-    """The actor pool. One actor holds one heavy object (an LLM engine, a LAC model, a
-    KnowFREE model) and serves batches of rows."""
+class ActorPool:
+    """A Ray Data actor pool (``map_batches`` with an ``ActorPoolStrategy``). One actor holds
+    one heavy object (an LLM engine, a LAC model, a KnowFREE model, an embedding model) and
+    serves batches of rows."""
 
     num_actors: int = 2
     batch_size: int = 64
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
+
+
+@dataclass
+class PoolConfig(ActorPool):
+    """The actor pool of a row job, which also reads its input shards from files."""
+
     #: CPUs reserved by each read task. Kept small: on a small machine a read task that
     #: waits for a whole CPU next to busy actors (and Ray Data's checkpoint filter actor)
     #: stalls the pipeline forever.
@@ -151,15 +159,13 @@ def map_rows_with_actors(
     actor_kwargs: dict[str, Any],
     pool: PoolConfig,
     ray_config: RayConfig,
-    output_format: str = "jsonl",
+    output_format: OutputFormat = "jsonl",
 ) -> None:
     """Run ``actor`` (a class whose instances map an Arrow batch to an Arrow batch with the
     same ids) over the shards into ``paths.rows``, resuming after the rows already there."""
     import ray
     from ray.data.checkpoint import CheckpointConfig
 
-    if output_format not in OUTPUT_FORMATS:
-        raise ConfigError(f"output_format must be jsonl or parquet, got {output_format!r}")
     # actors + one read task + the checkpoint filter actor Ray Data adds on resume
     init_ray(ray_config, min_cpus=pool.num_actors * pool.cpus_per_actor + pool.read_cpus + 1.0)
     context = ray.data.DataContext.get_current()

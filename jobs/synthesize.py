@@ -27,7 +27,7 @@ from omegaconf import MISSING
 
 from jobs.common import RayConfig, config_arguments, run_main
 from jobs.rowjob import (
-    OUTPUT_FORMATS, JobPaths, PoolConfig, actor_restarts, check_or_start, count_rows, map_rows_with_actors,
+    JobPaths, OutputFormat, PoolConfig, actor_restarts, check_or_start, count_rows, map_rows_with_actors,
 )
 from knowfree_core.annotation import collect_output, prepare_input
 from knowfree_core.config import load_structured, structured_to_dict
@@ -58,7 +58,7 @@ class SynthesizeJobConfig:
     format: Optional[str] = None
     read_options: Dict[str, Any] = field(default_factory=dict)
     output_dir: str = MISSING
-    output_format: str = "jsonl"
+    output_format: OutputFormat = "jsonl"
     engine: EngineConfig = field(default_factory=EngineConfig)
     generation: GenerationParams = field(default_factory=sampling_defaults)
     synthesis: SynthesisSettings = field(default_factory=SynthesisSettings)
@@ -128,9 +128,7 @@ def label_schema():
 
 
 def _settings_that_change_results(config: SynthesizeJobConfig) -> dict[str, Any]:
-    settings = structured_to_dict(config)
-    for key in ("max_concurrency", "max_retries", "timeout_s", "api_key_env", "api_key_file", "base_url"):
-        settings["engine"].pop(key, None)
+    settings = structured_to_dict(config) | {"engine": config.engine.answer_settings()}
     return {k: settings[k] for k in ("engine", "generation", "synthesis", "format", "read_options")}
 
 
@@ -165,8 +163,6 @@ def _label(config: SynthesizeJobConfig, synthetic_path: Path, root: Path) -> dic
 
 def run_synthesis(config: SynthesizeJobConfig) -> dict[str, Any]:
     """Run (or resume) the job; returns the summary dict (also written to summary.json)."""
-    if config.output_format not in OUTPUT_FORMATS:
-        raise ConfigError(f"output_format must be jsonl or parquet, got {config.output_format!r}")
     paths = JobPaths(Path(config.output_dir).resolve(), result_name="synthetic.jsonl")
     paths.root.mkdir(parents=True, exist_ok=True)
     cache = config.cache or str(paths.root / "answers.sqlite")

@@ -71,7 +71,7 @@ logger = logging.getLogger("jobs.train")
 
 STATE_FILE = "state.pt"  # in every per-epoch checkpoint: fit's loop state
 EXPORT_MARKER = "export.json"  # in the last checkpoint: the exported model is there
-FAIL_MARKER = ".fail_after_epoch.done"  # ray_train.fail_after_epoch (tests) fired already
+FAIL_MARKER = ".fail_after_epoch.done"  # jobs.fault_injection's failure (tests) fired already
 
 
 # ---------------------------------------------------------------------------- driver
@@ -106,8 +106,10 @@ def worker_resources(config: KnowFreeConfig) -> dict[str, float]:
     return {"GPU": 1.0} if settings.use_gpu else {"CPU": 1.0}
 
 
-def make_trainer(config: KnowFreeConfig, data: PreparedData, callbacks: Optional[list] = None):
-    """The ``TorchTrainer`` of this run (``jobs.tune`` may add its callbacks)."""
+def make_trainer(config: KnowFreeConfig, data: PreparedData, callbacks: Optional[list] = None,
+                 fail_after_epoch: Optional[int] = None):
+    """The ``TorchTrainer`` of this run (``jobs.tune`` may add its callbacks; tests ask for a
+    worker to fail once with ``fail_after_epoch``, see jobs.fault_injection)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -115,7 +117,8 @@ def make_trainer(config: KnowFreeConfig, data: PreparedData, callbacks: Optional
     storage_path, name = storage_location(config)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config, "data": data, "run_dir": str(Path(config.output_dir).resolve())},
+        train_loop_config={"config": config, "data": data, "run_dir": str(Path(config.output_dir).resolve()),
+                           "fail_after_epoch": fail_after_epoch},
         scaling_config=ScalingConfig(
             num_workers=settings.num_workers,
             use_gpu=settings.use_gpu,
@@ -157,7 +160,9 @@ def _run(config: KnowFreeConfig, run_dir: Path, ray_config: RayConfig, callbacks
         logger.info("Ray Train run %s/%s has checkpoints: it continues from the latest", storage_path, name)
     init_ray(ray_config, min_cpus=settings.num_workers * worker_resources(config).get("CPU", 0.0))
 
-    result = make_trainer(config, data, callbacks).fit()
+    from jobs.fault_injection import fail_after_epoch  # tests only; never set in a config
+
+    result = make_trainer(config, data, callbacks, fail_after_epoch=fail_after_epoch()).fit()
     if getattr(result, "error", None) is not None:
         raise result.error
     if result.checkpoint is None:
@@ -238,7 +243,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             with tempfile.TemporaryDirectory(prefix="knowfree-checkpoint-") as tmp:
                 save_training_state(Path(tmp) / STATE_FILE, state)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-        _fail_once_if_asked(config, loop_config["run_dir"], rank, world_size, epoch_report.epoch)
+        _fail_once_if_asked(loop_config.get("fail_after_epoch"), loop_config["run_dir"], rank, world_size,
+                            epoch_report.epoch)
 
     model = build_model(config, data.vocab)
     distributed = DistributedContext(
@@ -269,19 +275,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ray.train.report(final, checkpoint=Checkpoint.from_directory(tmp))
 
 
-def _fail_once_if_asked(config: KnowFreeConfig, run_dir: str, rank: int, world_size: int, epoch: int) -> None:
-    """Testing (``ray_train.fail_after_epoch``): one worker dies once, after this epoch's
-    checkpoint is registered, so that the restart has something to resume from."""
+def _fail_once_if_asked(fail_after_epoch: Optional[int], run_dir: str, rank: int, world_size: int,
+                        epoch: int) -> None:
+    """Testing (jobs.fault_injection): one worker dies once, after this epoch's checkpoint is
+    registered, so that the restart has something to resume from."""
     import ray.train
 
-    if config.ray_train.fail_after_epoch != epoch or rank != min(1, world_size - 1):
+    if fail_after_epoch != epoch or rank != min(1, world_size - 1):
         return
     marker = Path(run_dir) / FAIL_MARKER
     if marker.exists():
         return
     ray.train.get_all_reported_checkpoints()  # blocks until this epoch's report is processed
     marker.write_text(f"rank {rank} exited after epoch {epoch}\n", encoding="utf-8")
-    logger.warning("ray_train.fail_after_epoch=%d: rank %d exits now", epoch, rank)
+    logger.warning("fault injection after epoch %d: rank %d exits now", epoch, rank)
     os._exit(1)
 
 

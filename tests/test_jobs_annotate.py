@@ -216,7 +216,7 @@ def test_a_pipeline_annotate_section_with_annotators_passes_through(tmp_path, mo
     monkeypatch.setattr(pipeline, "run_annotation", lambda config: captured.append(config) or {})
     config = pipeline.PipelineConfig(
         train_config="unused.yaml", output_dir=str(tmp_path),
-        annotate={"annotators": ["lac", "jieba"], "annotator_options": {"jieba": {"hmm": False}}},
+        annotate=pipeline.AnnotateStage(annotators=["lac", "jieba"], annotator_options={"jieba": {"hmm": False}}),
     )
     pipeline.Cell(config, KnowFreeConfig(), tmp_path).annotate(SAMPLE, tmp_path / "annotate")
     (job,) = captured

@@ -257,7 +257,7 @@ def test_a_custom_variant_with_its_own_annotation_gets_its_own_folders(tmp_path)
     def annotate(source, out, settings=None):  # records what jobs.annotate would be asked
         out.mkdir(exist_ok=True)
         write_dataset(tiny_corpus(6, seed=1), out / "annotated.jsonl")
-        annotations.append((out.name, (settings or config.annotate)["annotator"]))
+        annotations.append((out.name, (settings or config.annotate).annotator))
         return out / "annotated.jsonl"
 
     finals = {}
@@ -269,4 +269,4 @@ def test_a_custom_variant_with_its_own_annotation_gets_its_own_folders(tmp_path)
     assert finals["F-jieba"].data.train == str(tmp_path / "annotate_f_jieba" / "annotated.jsonl")
     assert finals["F-view"].data.train == finals["F"].data.train == str(tmp_path / "annotate" / "annotated.jsonl")
     # The pool settings of the cell's annotation are kept under the variant's own annotator.
-    assert {**config.annotate, **config.custom_variants["F-jieba"].annotate}["pool"] == {"num_actors": 1}
+    assert config.custom_variants["F-jieba"].annotation(config.annotate).pool.num_actors == 1

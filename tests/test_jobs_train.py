@@ -16,6 +16,7 @@ from knowfree_core.model.knowfree import KnowFreeModel
 from model_fixtures import tiny_run_config
 
 pytest.importorskip("ray")
+from jobs.fault_injection import FAIL_AFTER_EPOCH  # noqa: E402
 from jobs.train import FAIL_MARKER, main  # noqa: E402
 
 
@@ -64,10 +65,10 @@ def test_a_two_worker_run_exports_the_model_like_knowfree_train(straight_run):
     assert len(model.predict([list("张三在北京工作。")])) == 1
 
 
-def test_a_killed_worker_resumes_from_the_last_checkpoint(straight_run, config_file, tmp_path):
+def test_a_killed_worker_resumes_from_the_last_checkpoint(straight_run, config_file, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    assert main(["--config", str(config_file), "--set", f"output_dir={run_dir}",
-                 "--set", "ray_train.fail_after_epoch=2", "--max-failures", "1"]) == 0
+    monkeypatch.setenv(FAIL_AFTER_EPOCH, "2")
+    assert main(["--config", str(config_file), "--set", f"output_dir={run_dir}", "--max-failures", "1"]) == 0
     assert (run_dir / FAIL_MARKER).is_file()  # rank 1 did exit
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["ray_train"]["resumed_after_epoch"] == 2  # the restart began at epoch 3

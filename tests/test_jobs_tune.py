@@ -20,6 +20,7 @@ from knowfree_core.model.knowfree import KnowFreeModel
 from model_fixtures import tiny_run_config
 
 pytest.importorskip("ray.tune")
+from jobs.fault_injection import FAIL_AFTER_EPOCH  # noqa: E402
 from jobs.tune import (  # noqa: E402
     FAIL_MARKER,
     ParamSpec,
@@ -149,10 +150,11 @@ def test_a_changed_search_is_not_restored_into_the_experiment(search, tmp_path):
         main(["--config", str(config)])
 
 
-def test_failed_trials_resume_from_their_checkpoints(ray_cluster, train_config_file, tmp_path):
+def test_failed_trials_resume_from_their_checkpoints(ray_cluster, train_config_file, tmp_path, monkeypatch):
     out = tmp_path / "out"
+    monkeypatch.setenv(FAIL_AFTER_EPOCH, "2")
     config = write_tune_config(tmp_path / "tune.yaml", train_config_file, out, num_samples=1,
-                               scheduler={"name": "fifo"}, fail_after_epoch=2)
+                               scheduler={"name": "fifo"})
     assert main(["--config", str(config)]) == 1  # the trial raised after epoch 2
     (run_dir,) = list((out / "trials").iterdir())
     assert (run_dir / FAIL_MARKER).is_file() and history_epochs(run_dir) == [1, 2]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 #: One chat prompt: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
@@ -51,6 +51,10 @@ class Completion:
         return self.error is None
 
 
+#: Field metadata of the EngineConfig settings that do not change the answers.
+SPEED_ONLY = {"speed_only": True}
+
+
 @dataclass
 class EngineConfig:
     """Which engine answers prompts and how. Unused keys are ignored by engines that do not
@@ -78,16 +82,19 @@ class EngineConfig:
         messages as text (base models without a template).
     extra
         Passed through to the engine's constructor (vllm ``LLM(**extra)``, etc.).
+
+    The fields marked :data:`SPEED_ONLY` change how fast (or through which endpoint and key)
+    answers come, not what is answered: a job may resume with other values of them.
     """
 
     kind: str = "openai"
     model: str = ""
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    api_key_file: str | None = None
-    max_concurrency: int = 8
-    max_retries: int = 5
-    timeout_s: float = 120.0
+    base_url: str | None = field(default=None, metadata=SPEED_ONLY)
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata=SPEED_ONLY)
+    api_key_file: str | None = field(default=None, metadata=SPEED_ONLY)
+    max_concurrency: int = field(default=8, metadata=SPEED_ONLY)
+    max_retries: int = field(default=5, metadata=SPEED_ONLY)
+    timeout_s: float = field(default=120.0, metadata=SPEED_ONLY)
     tensor_parallel_size: int = 1
     max_model_len: int | None = None
     dtype: str = "auto"
@@ -96,6 +103,12 @@ class EngineConfig:
     gguf_file: str | None = None
     chat_template: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def answer_settings(self) -> dict[str, Any]:
+        """The settings that decide the answers (all but the :data:`SPEED_ONLY` fields): what
+        a job compares before it resumes another run's rows."""
+        values = asdict(self)
+        return {f.name: values[f.name] for f in fields(self) if not f.metadata.get("speed_only")}
 
 
 #: Role labels of the plain-text rendering (``chat_template: plain``).
