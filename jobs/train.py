@@ -65,7 +65,8 @@ from knowfree_core.run import (
     print_run_summary,
 )
 from knowfree_core.safe_paths import plain_name
-from knowfree_core.training import EpochReport, fit, load_training_state, save_training_state
+from knowfree_core.loop_state import EpochReport, LoopState
+from knowfree_core.training import fit
 
 logger = logging.getLogger("jobs.train")
 
@@ -227,16 +228,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if (Path(directory) / EXPORT_MARKER).is_file():
                 logger.info("the model was exported before the restart: nothing left to do")
                 return
-            resume_state = load_training_state(Path(directory) / STATE_FILE)
-            resumed_after_epoch = int(resume_state["epoch"])
+            resume_state = LoopState.load(Path(directory) / STATE_FILE)
+            resumed_after_epoch = resume_state.epoch
 
-    def report(epoch_report: EpochReport, _model, state: Optional[dict]) -> None:
+    def report(epoch_report: EpochReport, _model, state: Optional[LoopState]) -> None:
         metrics = epoch_metrics(epoch_report)
         if state is None:
             ray.train.report(metrics, checkpoint=None)
         else:
             with tempfile.TemporaryDirectory(prefix="knowfree-checkpoint-") as tmp:
-                save_training_state(Path(tmp) / STATE_FILE, state)
+                state.save(Path(tmp) / STATE_FILE)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         _fail_once_if_asked(config, loop_config["run_dir"], rank, world_size, epoch_report.epoch)
 
