@@ -55,17 +55,11 @@ from jobs.common import RayConfig, config_arguments, init_ray, run_main
 from knowfree_core.config import KnowFreeConfig, load_config
 from knowfree_core.distributed import DistributedContext
 from knowfree_core.errors import KnowFreeError
+from knowfree_core.loop_state import EpochReport, LoopState
 from knowfree_core.run import (
-    PreparedData,
-    RunSummary,
-    attach_file_log,
-    build_model,
-    export_model,
-    prepare_data,
-    print_run_summary,
+    PreparedData, RunSummary, attach_file_log, build_model, export_model, prepare_data, print_run_summary,
 )
 from knowfree_core.safe_paths import plain_name
-from knowfree_core.loop_state import EpochReport, LoopState
 from knowfree_core.training import fit
 
 logger = logging.getLogger("jobs.train")
