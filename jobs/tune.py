@@ -91,8 +91,9 @@ from knowfree_core.config import (
     validate_config,
 )
 from knowfree_core.errors import ConfigError, KnowFreeError
-from knowfree_core.run import PreparedData, attach_file_log, build_model, export_model, prepare_data
 from knowfree_core.loop_state import EpochReport, LoopState
+from knowfree_core.report.document import markdown_table
+from knowfree_core.run import PreparedData, attach_file_log, build_model, export_model, prepare_data
 from knowfree_core.training import TrainResult
 
 logger = logging.getLogger("jobs.tune")
@@ -694,9 +695,8 @@ def write_tables(rows: list[dict], keys: list[str], out: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    table = markdown_table(columns, [[_cell(row.get(c)) for c in columns] for row in rows])
+    (out / "results.md").write_text(table + "\n", encoding="utf-8")
 
 
 def print_summary(summary: TuneSummary) -> None:
