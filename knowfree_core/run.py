@@ -27,8 +27,8 @@ from .config import KnowFreeConfig, config_to_dict, load_config, save_config
 from .errors import ConfigError, DataFormatError
 from .formats import read_dataset, write_dataset
 from .labels import LabelVocab
-from .model.knowfree import KnowFreeModel
 from .loop_state import LoopState
+from .model.knowfree import KnowFreeModel
 from .records import Sentence
 from .sampling import greedy_k_shot, hold_out, many_shot_subsets
 from .training import (
