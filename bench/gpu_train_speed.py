@@ -152,17 +152,17 @@ def format_table(rows: list[dict]) -> str:
     def mib(value: Optional[float]) -> str:
         return "–" if value is None else f"{value:,.0f}"
 
-    lines = [
-        "| precision | batch size | sentences | steps | s/epoch | samples/s | units/s | peak GPU MiB (allocated) | peak GPU MiB (reserved) | peak RSS MiB | loss |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    from knowfree_core.report.document import markdown_table
+
+    header = ["precision", "batch size", "sentences", "steps", "s/epoch", "samples/s", "units/s",
+              "peak GPU MiB (allocated)", "peak GPU MiB (reserved)", "peak RSS MiB", "loss"]
+    table = [
+        [r["precision"], r["batch_size"], r["sentences"], r["steps"], f"{r['seconds']:.2f}",
+         f"{r['sentences'] / r['seconds']:.1f}", f"{r['units'] / r['seconds']:,.0f}", mib(r["peak_alloc_mib"]),
+         mib(r["peak_reserved_mib"]), f"{r['peak_rss_mib']:,.0f}", f"{r['loss']:.4f}"]
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['precision']} | {r['batch_size']} | {r['sentences']} | {r['steps']} | {r['seconds']:.2f} | "
-            f"{r['sentences'] / r['seconds']:.1f} | {r['units'] / r['seconds']:,.0f} | {mib(r['peak_alloc_mib'])} | "
-            f"{mib(r['peak_reserved_mib'])} | {r['peak_rss_mib']:,.0f} | {r['loss']:.4f} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(header, table, align="l" + "r" * 10)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -230,20 +230,19 @@ def format_table(rows: list[dict]) -> str:
     def num(value: Optional[float], spec: str) -> str:
         return "–" if value is None else format(value, spec)
 
-    lines = [
-        "| phase | precision | batch size | batches | sentences | seconds | sentences/s | units/s "
-        "| peak GPU MiB (allocated) | peak RSS MiB | loss |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    from knowfree_core.report.document import markdown_table
+
+    header = ["phase", "precision", "batch size", "batches", "sentences", "seconds", "sentences/s", "units/s",
+              "peak GPU MiB (allocated)", "peak RSS MiB", "loss"]
+    table = [
+        [r["phase"], r["precision"], r["batch_size"], r["batches"], r["sentences"],
+         # Three significant digits: a short tiny-model predict phase takes milliseconds, which
+         # a fixed two decimals printed as 0.00.
+         f"{r['seconds']:.3g}", f"{r['sentences'] / r['seconds']:.1f}", f"{r['units'] / r['seconds']:,.0f}",
+         num(r["gpu_mib"], ",.0f"), f"{r['rss_mib']:,.0f}", num(r["loss"], ".4f")]
+        for r in sorted(rows, key=lambda r: r["phase"] != "train")
     ]
-    for r in sorted(rows, key=lambda r: r["phase"] != "train"):
-        lines.append(
-            f"| {r['phase']} | {r['precision']} | {r['batch_size']} | {r['batches']} | {r['sentences']} | "
-            # Three significant digits: a short tiny-model predict phase takes milliseconds, which
-            # a fixed two decimals printed as 0.00.
-            f"{r['seconds']:.3g} | {r['sentences'] / r['seconds']:.1f} | {r['units'] / r['seconds']:,.0f} | "
-            f"{num(r['gpu_mib'], ',.0f')} | {r['rss_mib']:,.0f} | {num(r['loss'], '.4f')} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(header, table, align="ll" + "r" * 9)
 
 
 def command_line(argv: Optional[Sequence[str]]) -> str:

@@ -283,8 +283,10 @@ def quality_table(results: Iterable[dict], paper: dict, paper_names: Dict[str, O
                      key=lambda c: (order.get(c[0], len(order)), c[0], parse_setting(c[1])))  # k before n
     present = {v for _, _, v, _ in latest}
     rows = [v for v in ROW_ORDER if v in present] + sorted(present - set(ROW_ORDER))
+    from knowfree_core.report.document import markdown_table
+
     titles = [f"{paper_names.get(d) or d} {s}" for d, s in columns]
-    lines = ["| variant | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(columns)]
+    table = []
     for variant in rows:
         cells = []
         for dataset, setting in columns:
@@ -292,8 +294,8 @@ def quality_table(results: Iterable[dict], paper: dict, paper_names: Dict[str, O
                       if (d, s, v) == (dataset, setting, variant) and r.get("test_f1") is not None]
             figures = paper_figures(paper, paper_names.get(dataset), setting, variant) if values else []
             cells.append(format_cell(values, figures))
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table.append([variant, *cells])
+    return markdown_table(["variant", *titles], table, align="l" + "r" * len(columns))
 
 
 CAPTION = ("Test F1 (%), mean ± std over seeds (n seeds); \"paper\": the published figure for the same "

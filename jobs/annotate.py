@@ -30,6 +30,7 @@ from omegaconf import MISSING
 from jobs.common import RayConfig, config_arguments, run_main
 from jobs.rowjob import (
     JobPaths, OutputFormat, PoolConfig, actor_restarts, check_or_start, count_rows, map_rows_with_actors,
+    row_schema,
 )
 from knowfree_core.annotation import AnnotatorSpec, BatchAnnotator, collect_output, prepare_input
 from knowfree_core.annotators.base import Annotator
@@ -186,23 +187,8 @@ class AnnotateActor:
 
 
 def output_schema():
-    """The row schema, built on call so that importing this module needs no pyarrow."""
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("id", pa.string()),
-            ("order", pa.int64()),
-            ("record", pa.string()),
-            ("annotator", pa.string()),
-            ("raw_answers", pa.string()),
-            ("prompt_versions", pa.string()),
-            ("rejections", pa.string()),
-            ("n_spans", pa.int64()),
-            ("n_rejections", pa.int64()),
-            ("seconds", pa.float64()),
-        ]
-    )
+    """The row schema (``BatchAnnotator``'s output rows)."""
+    return row_schema(("record", "annotator", "raw_answers", "prompt_versions"), count="n_spans")
 
 
 def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:

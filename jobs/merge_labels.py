@@ -22,9 +22,9 @@ from typing import Dict, List, Literal, Optional
 import numpy as np
 from omegaconf import MISSING
 
+from jobs.actor_pool import ActorPool, map_with_actor_pool
 from jobs.annotate import LLMSettings
 from jobs.common import RayConfig, config_arguments, init_ray, run_main
-from jobs.rowjob import ActorPool
 from knowfree_core.config import load_structured
 from knowfree_core.errors import ConfigError
 from knowfree_core.formats import read_dataset, write_dataset
@@ -92,18 +92,9 @@ def embed_with_ray(samples: Dict[str, List[str]], config: MergeJobConfig) -> Dic
     # In-memory input, nothing to resume: clear a checkpoint config an earlier stage set.
     ray.data.DataContext.get_current().checkpoint_config = None
     dataset = ray.data.from_items(rows).repartition(max(1, min(len(rows) // pool.batch_size, 4 * pool.num_actors)))
-    dataset = dataset.map_batches(
-        EmbedActor,
-        fn_constructor_kwargs={
-            "name": config.embedder,
-            "prefix": config.embedder_prefix,
-            "device": "cuda" if pool.gpus_per_actor else "cpu",
-        },
-        batch_size=pool.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=pool.num_actors),
-        num_cpus=pool.cpus_per_actor,
-        num_gpus=pool.gpus_per_actor or None,
+    device = "cuda" if pool.gpus_per_actor else "cpu"
+    dataset = map_with_actor_pool(
+        dataset, EmbedActor, {"name": config.embedder, "prefix": config.embedder_prefix, "device": device}, pool
     )
     grouped: Dict[str, List[np.ndarray]] = {}
     for row in dataset.iter_rows():

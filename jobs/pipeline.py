@@ -62,6 +62,7 @@ from knowfree_core.errors import ConfigError
 from knowfree_core.formats import read_dataset, write_dataset
 from knowfree_core.llm.engine import EngineConfig, GenerationParams
 from knowfree_core.merging import LabelMap, apply_label_map
+from knowfree_core.report.document import markdown_table
 from knowfree_core.run import load_pool_and_dev, load_split, run_training, select_training_sentences
 from knowfree_core.safe_paths import child_path, plain_name
 from knowfree_core.synthesis import SynthesisSettings
@@ -465,25 +466,21 @@ def summary_table(results: dict[str, dict[str, dict]], variants: List[str]) -> s
         for variant, score in scores.items():
             if score.get("test"):
                 by_setting.setdefault(setting, {}).setdefault(variant, []).append(score["test"]["f1"])
-    header = "| setting | seeds | " + " | ".join(f"{v} test F1" for v in variants) + " |"
-    lines = [header, "|---|---:|" + "---:|" * len(variants)]
-    for setting, values in by_setting.items():
-        lines.append(f"| {setting} | {seeds[setting]} | " + " | ".join(_mean_std(values.get(v, [])) for v in variants) + " |")
-    return "\n".join(lines)
+    header = ["setting", "seeds", *(f"{v} test F1" for v in variants)]
+    rows = [[setting, seeds[setting], *(_mean_std(values.get(v, [])) for v in variants)]
+            for setting, values in by_setting.items()]
+    return markdown_table(header, rows, align="lr" + "r" * len(variants))
 
 
 def cell_table(scores: dict[str, dict]) -> str:
-    lines = ["| variant | train sentences | best epoch | dev F1 | test P | test R | test F1 |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = []
     for variant, score in scores.items():
         dev, test = score.get("dev") or {}, score.get("test") or {}
-        lines.append(
-            f"| {variant} | {score.get('train_sentences')} | {score.get('best_epoch')} | "
-            + " | ".join(f"{100 * m[k]:.2f}" if k in m else "–" for m, k in
-                         ((dev, "f1"), (test, "precision"), (test, "recall"), (test, "f1")))
-            + " |"
-        )
-    return "\n".join(lines)
+        rows.append([variant, score.get("train_sentences"), score.get("best_epoch"),
+                     *(f"{100 * m[k]:.2f}" if k in m else "–"
+                       for m, k in ((dev, "f1"), (test, "precision"), (test, "recall"), (test, "f1")))])
+    header = ["variant", "train sentences", "best epoch", "dev F1", "test P", "test R", "test F1"]
+    return markdown_table(header, rows, align="lrrrrrr")
 
 
 def run_pipeline(config: PipelineConfig) -> dict:

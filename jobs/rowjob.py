@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence
 
+from jobs.actor_pool import ActorPool, map_with_actor_pool
 from jobs.common import RayConfig, init_ray
 from knowfree_core.errors import ConfigError
 
@@ -24,18 +25,6 @@ logger = logging.getLogger(__name__)
 
 #: How a row job writes its row files.
 OutputFormat = Literal["jsonl", "parquet"]
-
-
-@dataclass
-class ActorPool:
-    """A Ray Data actor pool (``map_batches`` with an ``ActorPoolStrategy``). One actor holds
-    one heavy object (an LLM engine, a LAC model, a KnowFREE model, an embedding model) and
-    serves batches of rows."""
-
-    num_actors: int = 2
-    batch_size: int = 64
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
 
 
 @dataclass
@@ -50,6 +39,11 @@ class PoolConfig(ActorPool):
     blocks: Optional[int] = None
 
 
+def _under_root(name: str) -> property:
+    """A read-only ``JobPaths`` attribute: ``root / name``."""
+    return property(lambda paths: paths.root / name, doc=f"``root / {name!r}``")
+
+
 @dataclass
 class JobPaths:
     """Where a row job keeps its state, under ``root``; ``result_name`` is the collected file."""
@@ -57,33 +51,33 @@ class JobPaths:
     root: Path
     result_name: str = "annotated.jsonl"
 
-    @property
-    def prepared(self) -> Path:
-        return self.root / "input"
-
-    @property
-    def rows(self) -> Path:
-        return self.root / "rows"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.root / "checkpoint"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "job.json"
+    # Not dataclass fields (no annotation): derived from root, so they follow it.
+    prepared = _under_root("input")  # the input as JSONL shards of {"id", "order", "record"}
+    rows = _under_root("rows")  # what the actors wrote, JSONL or Parquet
+    checkpoint = _under_root("checkpoint")  # Ray Data's record of the ids already written
+    state = _under_root("job.json")  # the job's settings and input fingerprint (check_or_start)
+    summary = _under_root("summary.json")
+    actor_starts = _under_root("actor_starts")  # one file per actor construction (CountingActor)
 
     @property
     def result(self) -> Path:
         return self.root / self.result_name
 
-    @property
-    def summary(self) -> Path:
-        return self.root / "summary.json"
 
-    @property
-    def actor_starts(self) -> Path:
-        return self.root / "actor_starts"
+def row_schema(strings: Sequence[str], count: str) -> Any:
+    """The Arrow schema of a row job's output rows: ``id`` and ``order``, the job's own string
+    columns, ``rejections``, the job's count column, ``n_rejections`` and ``seconds``.
+
+    The frame is what ``annotation.collect_output`` and the resume by ``id`` read, so it is
+    written once here; built on call so that importing a job needs no pyarrow.
+    """
+    import pyarrow as pa
+
+    return pa.schema(
+        [("id", pa.string()), ("order", pa.int64())]
+        + [(name, pa.string()) for name in strings]
+        + [("rejections", pa.string()), (count, pa.int64()), ("n_rejections", pa.int64()), ("seconds", pa.float64())]
+    )
 
 
 class CountingActor:
@@ -175,17 +169,11 @@ def map_rows_with_actors(
     dataset = ray.data.read_json([str(p) for p in shards], num_cpus=pool.read_cpus)
     dataset = dataset.repartition(pool.blocks or 4 * pool.num_actors)
     shutil.rmtree(paths.actor_starts, ignore_errors=True)  # count this run's starts only
-    dataset = dataset.map_batches(
+    dataset = map_with_actor_pool(
+        dataset,
         CountingActor,
-        fn_constructor_kwargs={"actor_cls": actor, "actor_kwargs": actor_kwargs,
-                               "starts_dir": str(paths.actor_starts)},
-        batch_size=pool.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=pool.num_actors),
-        num_cpus=pool.cpus_per_actor,
-        num_gpus=pool.gpus_per_actor or None,
-        # Ray Data restarts a crashed actor and retries its batch by default
-        # (max_restarts=-1, max_task_retries=-1): no record is lost with it.
+        {"actor_cls": actor, "actor_kwargs": actor_kwargs, "starts_dir": str(paths.actor_starts)},
+        pool,
     )
     if output_format == "parquet":
         dataset.write_parquet(str(paths.rows))

@@ -28,6 +28,7 @@ from omegaconf import MISSING
 from jobs.common import RayConfig, config_arguments, run_main
 from jobs.rowjob import (
     JobPaths, OutputFormat, PoolConfig, actor_restarts, check_or_start, count_rows, map_rows_with_actors,
+    row_schema,
 )
 from knowfree_core.annotation import collect_output, prepare_input
 from knowfree_core.config import load_structured, structured_to_dict
@@ -104,21 +105,7 @@ class LabelActor:
 
 
 def synthesis_schema():
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("id", pa.string()),
-            ("order", pa.int64()),
-            ("synthetic", pa.string()),
-            ("raw_answers", pa.string()),
-            ("prompt_version", pa.string()),
-            ("rejections", pa.string()),
-            ("n_synthetic", pa.int64()),
-            ("n_rejections", pa.int64()),
-            ("seconds", pa.float64()),
-        ]
-    )
+    return row_schema(("synthetic", "raw_answers", "prompt_version"), count="n_synthetic")
 
 
 def label_schema():

@@ -55,17 +55,12 @@ from jobs.common import RayConfig, config_arguments, init_ray, run_main
 from knowfree_core.config import KnowFreeConfig, load_config
 from knowfree_core.distributed import DistributedContext
 from knowfree_core.errors import KnowFreeError
+from knowfree_core.loop_state import EpochReport, LoopState
 from knowfree_core.run import (
-    PreparedData,
-    RunSummary,
-    attach_file_log,
-    build_model,
-    export_model,
-    prepare_data,
-    print_run_summary,
+    PreparedData, RunSummary, attach_file_log, build_model, export_model, prepare_data, print_run_summary,
 )
 from knowfree_core.safe_paths import plain_name
-from knowfree_core.training import EpochReport, fit, load_training_state, save_training_state
+from knowfree_core.training import fit
 
 logger = logging.getLogger("jobs.train")
 
@@ -232,16 +227,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if (Path(directory) / EXPORT_MARKER).is_file():
                 logger.info("the model was exported before the restart: nothing left to do")
                 return
-            resume_state = load_training_state(Path(directory) / STATE_FILE)
-            resumed_after_epoch = int(resume_state["epoch"])
+            resume_state = LoopState.load(Path(directory) / STATE_FILE)
+            resumed_after_epoch = resume_state.epoch
 
-    def report(epoch_report: EpochReport, _model, state: Optional[dict]) -> None:
+    def report(epoch_report: EpochReport, _model, state: Optional[LoopState]) -> None:
         metrics = epoch_metrics(epoch_report)
         if state is None:
             ray.train.report(metrics, checkpoint=None)
         else:
             with tempfile.TemporaryDirectory(prefix="knowfree-checkpoint-") as tmp:
-                save_training_state(Path(tmp) / STATE_FILE, state)
+                state.save(Path(tmp) / STATE_FILE)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         _fail_once_if_asked(loop_config.get("fail_after_epoch"), loop_config["run_dir"], rank, world_size,
                             epoch_report.epoch)

@@ -91,8 +91,10 @@ from knowfree_core.config import (
     validate_config,
 )
 from knowfree_core.errors import ConfigError, KnowFreeError
+from knowfree_core.loop_state import EpochReport, LoopState
+from knowfree_core.report.document import markdown_table
 from knowfree_core.run import PreparedData, attach_file_log, build_model, export_model, prepare_data
-from knowfree_core.training import EpochReport, TrainResult, load_training_state, save_training_state
+from knowfree_core.training import TrainResult
 
 logger = logging.getLogger("jobs.tune")
 
@@ -346,19 +348,19 @@ def function_trial(params: dict, setup: TrialSetup) -> None:
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
-                resume_state = load_training_state(Path(directory) / STATE_FILE)
-            resumed_after = int(resume_state["epoch"])
+                resume_state = LoopState.load(Path(directory) / STATE_FILE)
+            resumed_after = resume_state.epoch
         history_path = run_dir / "history.jsonl"
-        kept = resume_state["history"] if resume_state else []
+        kept = [r.to_dict() for r in resume_state.history] if resume_state else []
         history_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
 
-        def report(epoch_report: EpochReport, _model, state: Optional[dict]) -> None:
+        def report(epoch_report: EpochReport, _model, state: Optional[LoopState]) -> None:
             with history_path.open("a", encoding="utf-8") as out:
                 out.write(json.dumps(epoch_report.to_dict(), ensure_ascii=False) + "\n")
             metrics = epoch_metrics(epoch_report)
             metrics["resumed_after_epoch"] = resumed_after
             with tempfile.TemporaryDirectory(prefix="knowfree-tune-") as tmp:
-                save_training_state(Path(tmp) / STATE_FILE, state)  # type: ignore[arg-type]
+                state.save(Path(tmp) / STATE_FILE)  # type: ignore[union-attr] - set: no other ranks
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
             _fail_once_if_asked(setup, run_dir, epoch_report.epoch)
 
@@ -592,10 +594,10 @@ def evaluate_best_trial(job: TuneJobConfig, base: KnowFreeConfig, data: Prepared
     with Checkpoint(location).as_directory() as directory:
         directory = Path(directory)
         if (directory / STATE_FILE).is_file():
-            state = load_training_state(directory / STATE_FILE)
+            state = LoopState.load(directory / STATE_FILE)
             model = build_model(config, data.vocab)
-            model.load_state_dict(state["best_state"] or state["model"], strict=False)
-            history = [EpochReport(**report) for report in state["history"]]
+            model.load_state_dict(state.best_state or state.model, strict=False)
+            history = state.history
         elif (directory / "model").is_dir():  # a ray_train trial that finished: its exported model
             model = KnowFreeModel.from_pretrained(directory / "model")
             lines = (directory / "history.jsonl").read_text(encoding="utf-8").splitlines()
@@ -684,9 +686,8 @@ def write_tables(rows: list[dict], keys: list[str], out: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    table = markdown_table(columns, [[_cell(row.get(c)) for c in columns] for row in rows])
+    (out / "results.md").write_text(table + "\n", encoding="utf-8")
 
 
 def print_summary(summary: TuneSummary) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -32,8 +31,7 @@ from knowfree_core.annotators.base import STEPS, AnnotationResult, Annotator
 from knowfree_core.errors import ConfigError, DataFormatError
 from knowfree_core.formats import read_dataset
 from knowfree_core.records import Sentence
-
-logger = logging.getLogger(__name__)
+from knowfree_core.retry import run_batch_or_one_by_one
 
 REASON_BATCH_FAILED = "annotator failed"
 
@@ -270,26 +268,14 @@ class BatchAnnotator:
         return results
 
     def _annotate(self, index: int, sentences: list[Sentence]) -> list[AnnotationResult]:
-        if not sentences:
-            return []
         spec = self.specs[index]
-        try:
-            return self.annotator_at(index).annotate(sentences, steps=spec.steps)
-        except Exception as batch_error:  # noqa: BLE001 - retried one by one below
-            logger.warning("annotator %s failed on a batch of %d (%s); retrying one by one",
-                           spec.name, len(sentences), batch_error)
-        results = []
-        for sentence in sentences:
-            try:
-                results.extend(self.annotator_at(index).annotate([sentence], steps=spec.steps))
-            except Exception as error:  # noqa: BLE001 - a counted rejection, never a lost batch
-                results.append(
-                    AnnotationResult(
-                        sentence.id,
-                        rejections=[Rejection(REASON_BATCH_FAILED, f"{type(error).__name__}: {error}")],
-                    )
-                )
-        return results
+        # A sentence that crashes the annotator is a counted rejection, never a lost batch.
+        return run_batch_or_one_by_one(
+            lambda batch: self.annotator_at(index).annotate(batch, steps=spec.steps),
+            sentences,
+            lambda sentence, error: AnnotationResult(sentence.id, rejections=[Rejection(REASON_BATCH_FAILED, error)]),
+            what=f"annotator {spec.name}",
+        )
 
 
 def _too_long(length: int, limit: int) -> Rejection:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -29,6 +30,7 @@ __all__ = [
     "span_candidates",
     "select_flat",
     "select_nested",
+    "decode_spans",
     "decode_flat",
     "decode_nested",
     "decode_batch",
@@ -104,37 +106,32 @@ def select_nested(candidates: Sequence[SpanCandidate]) -> list[SpanCandidate]:
     return sorted(chosen, key=lambda c: (c.start, c.end))
 
 
-def _to_spans(chosen: Sequence[SpanCandidate], labels: Sequence[str]) -> list[Span]:
-    return [Span(c.start, c.end, labels[c.label_id]) for c in chosen]
-
-
-def decode_flat(
+def decode_spans(
     logits: Tensor,
     labels: Sequence[str],
     threshold: float = 0.5,
     length: int | None = None,
     max_span_length: int | None = None,
+    *,
+    nested: bool = False,
 ) -> list[Span]:
-    """Non-overlapping spans of one sentence from ``(L, L, N)`` logits.
+    """The spans of one sentence from ``(L, L, N)`` logits: non-overlapping, or with
+    ``nested`` nested but never crossing.
 
     ``labels``: the target label names in column order; ``N_tgt = len(labels)`` and every later
     column (extension labels) is ignored.
     """
     candidates = span_candidates(logits, len(labels), threshold, length, max_span_length)
-    grid_len = logits.shape[0] if length is None else min(length, logits.shape[0])
-    return _to_spans(select_flat(candidates, grid_len), labels)
+    if nested:
+        chosen = select_nested(candidates)
+    else:
+        chosen = select_flat(candidates, logits.shape[0] if length is None else min(length, logits.shape[0]))
+    return [Span(c.start, c.end, labels[c.label_id]) for c in chosen]
 
 
-def decode_nested(
-    logits: Tensor,
-    labels: Sequence[str],
-    threshold: float = 0.5,
-    length: int | None = None,
-    max_span_length: int | None = None,
-) -> list[Span]:
-    """Nested (never crossing) spans of one sentence; arguments as :func:`decode_flat`."""
-    candidates = span_candidates(logits, len(labels), threshold, length, max_span_length)
-    return _to_spans(select_nested(candidates), labels)
+#: :func:`decode_spans` without and with nesting.
+decode_flat = partial(decode_spans, nested=False)
+decode_nested = partial(decode_spans, nested=True)
 
 
 def decode_batch(
@@ -149,8 +146,7 @@ def decode_batch(
     lengths = lengths.tolist() if isinstance(lengths, Tensor) else list(lengths)
     if len(lengths) != logits.shape[0]:
         raise ValueError(f"{len(lengths)} lengths for a batch of {logits.shape[0]}")
-    decode = decode_nested if nested else decode_flat
     return [
-        decode(logits[b], labels, threshold, int(lengths[b]), max_span_length)
+        decode_spans(logits[b], labels, threshold, int(lengths[b]), max_span_length, nested=nested)
         for b in range(logits.shape[0])
     ]

@@ -13,8 +13,8 @@ single process on every worker of a ``torch.distributed`` process group (Ray Tra
   best-epoch, patience and stop decisions and keeps the same best-epoch weights: on return
   every rank's model holds the best-dev weights;
 * after every epoch ``report(epoch_report, model, state)`` is called on every rank; ``state`` is
-  the loop state (the dict ``fit`` writes to ``checkpoint_path``) on rank 0 and ``None`` on the
-  others. Giving that dict back as ``resume_state`` resumes after its epoch.
+  the loop state (the ``LoopState`` ``fit`` writes to ``checkpoint_path``) on rank 0 and ``None``
+  on the others. Giving that state back as ``resume_state`` resumes after its epoch.
 
 Pass the same arguments (data, config, dev set) on every rank: the ranks must take part in
 the same collective calls.
@@ -31,13 +31,13 @@ from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model.knowfree import KnowFreeModel
-    from .training import EpochReport
+    from .loop_state import EpochReport, LoopState
 
 T = TypeVar("T")
 
 #: ``report(epoch_report, model, state)``: ``state`` is the loop state on rank 0, else None.
 #: A True return on any rank stops training on every rank.
-StateReport = Callable[["EpochReport", "KnowFreeModel", Optional[dict]], Optional[bool]]
+StateReport = Callable[["EpochReport", "KnowFreeModel", Optional["LoopState"]], Optional[bool]]
 
 
 def shard_batches(batches: Sequence[T], rank: int, world_size: int) -> list[T]:
@@ -83,7 +83,7 @@ class DistributedContext:
     rank: int = 0
     world_size: int = 1
     device: Optional[str] = None
-    resume_state: Optional[dict] = None
+    resume_state: Optional["LoopState"] = None
     report: Optional[StateReport] = None
     find_unused_parameters: bool = False
 

@@ -531,21 +531,17 @@ def _neighbour_pairs(x: np.ndarray, threshold: float | None, k: int | None, back
 
 
 def _components(n: int, pairs: Iterable[tuple[int, int]]) -> list[list[int]]:
-    parent = list(range(n))
+    """The connected components of the graph on ``0..n-1`` with edges ``pairs``."""
+    # scipy comes with the merge extra (sentence-transformers and scikit-learn need it).
+    from scipy.sparse import coo_array
+    from scipy.sparse.csgraph import connected_components
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j in pairs:
-        a, b = root(i), root(j)
-        if a != b:
-            parent[max(a, b)] = min(a, b)
+    edges = np.asarray(list(pairs), dtype=np.int64).reshape(-1, 2)
+    graph = coo_array((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
     groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(root(i), []).append(i)
+    for i, c in enumerate(component.tolist()):
+        groups.setdefault(c, []).append(i)
     return list(groups.values())
 
 

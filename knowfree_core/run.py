@@ -27,6 +27,7 @@ from .config import KnowFreeConfig, config_to_dict, load_config, save_config
 from .errors import ConfigError, DataFormatError
 from .formats import read_dataset, write_dataset
 from .labels import LabelVocab
+from .loop_state import LoopState
 from .model.knowfree import KnowFreeModel
 from .records import Sentence
 from .sampling import greedy_k_shot, hold_out, many_shot_subsets
@@ -35,7 +36,6 @@ from .training import (
     TrainResult,
     evaluate,
     fit,
-    load_training_state,
     peak_rss_mib,
     seed_everything,
     tune_threshold,
@@ -142,7 +142,7 @@ def _keep_history_of_checkpoint(history_path: Path, checkpoint_path: Path) -> No
     """On resume keep the epochs the checkpoint holds; on a fresh start begin an empty history."""
     kept: list[str] = []
     if checkpoint_path.is_file() and history_path.is_file():
-        last = load_training_state(checkpoint_path)["epoch"]
+        last = LoopState.load(checkpoint_path).epoch
         kept = [
             line for line in history_path.read_text(encoding="utf-8").splitlines()
             if line.strip() and json.loads(line)["epoch"] <= last

@@ -10,46 +10,29 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import resource
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+# transformers' set_seed seeds exactly what training draws from: random, numpy, torch (and
+# every CUDA device).
+from transformers import set_seed as seed_everything
+
 from .config import TrainConfig
 from .distributed import DistributedContext, shard_batches
+from .loop_state import EpochReport, LoopState
 from .metrics import SpanScores, score_spans
 from .model.knowfree import KnowFreeModel
 from .records import Sentence
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EpochReport:
-    """What the loop tells its callback after every epoch."""
-
-    epoch: int
-    train_loss: float
-    seconds: float
-    peak_rss_mib: float
-    dev: Optional[dict] = None  # SpanScores.to_dict() on the dev set, when there is one
-    dev_f1: Optional[float] = None
-    #: With ``train.select_on_thresholds``: the candidate threshold that gave ``dev``.
-    dev_threshold: Optional[float] = None
-    best_dev_f1: Optional[float] = None
-    best_epoch: Optional[int] = None
-    is_best: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -61,13 +44,6 @@ class TrainResult:
 
 # A callback may return True to stop training early (e.g. a scheduler decided to stop the trial).
 EpochCallback = Callable[[EpochReport, KnowFreeModel], Optional[bool]]
-
-
-def seed_everything(seed: int) -> None:
-    """Seed every generator training touches, so a run is reproducible on one machine."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def peak_rss_mib() -> float:
@@ -127,6 +103,14 @@ def build_optimizer(model: KnowFreeModel, config: TrainConfig) -> torch.optim.Op
 
 
 def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up to the full rate, then linear decay to 0 at ``total_steps``.
+
+    Not transformers' ``get_linear_schedule_with_warmup``: that one gives the first step a
+    learning rate of 0 (factor ``step / warmup``), this one ``1 / warmup`` (``(step + 1) /
+    warmup``), and every run so far (the paper settings, the quality results) trained with it.
+    The two agree exactly after the warm-up and when there is none.
+    """
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / max(1, warmup_steps)
@@ -169,55 +153,6 @@ def tune_threshold(
     best = _best_threshold(scores)
     model.config.threshold = best
     return best, scores
-
-
-def save_training_state(path: str | Path, state: dict) -> None:
-    """Write the loop state atomically: a crash mid-write leaves the previous checkpoint intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
-
-
-def load_training_state(path: str | Path) -> dict:
-    # weights_only: tensors, numbers, strings and containers only; a checkpoint file cannot run code.
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _as_random_state(state) -> tuple:
-    # random.Random.setstate wants tuples; a round trip through the checkpoint may give lists.
-    version, internal, gauss = state
-    return (version, tuple(internal), gauss)
-
-
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # Frozen parameters (the e5 word-embedding table is 96M of its 118M) never change, so the
-    # best-epoch snapshot only needs what training touches.
-    keep = {name for name, p in model.named_parameters() if p.requires_grad}
-    keep |= {name for name, _ in model.named_buffers()}
-    return {
-        name: tensor.detach().to("cpu", copy=True)
-        for name, tensor in model.state_dict().items()
-        if name in keep
-    }
-
-
-def _restore(state: dict, model, optimizer, scheduler, scaler, rng: random.Random,
-             ctx: DistributedContext, seed: int) -> None:
-    model.load_state_dict(state["model"], strict=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    rng.setstate(_as_random_state(state["batch_rng"]))
-    by_rank = state.get("torch_rng_by_rank")
-    if by_rank is not None and len(by_rank) == ctx.world_size:
-        torch.set_rng_state(by_rank[ctx.rank])
-    elif ctx.rank == 0:
-        torch.set_rng_state(state["torch_rng"])
-    else:  # the world size changed: a fresh dropout stream per rank
-        torch.manual_seed(seed + ctx.rank + 1000 * int(state["epoch"]))
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -302,6 +237,48 @@ def fit(
         raise ValueError("the training set is empty")
     ctx = distributed or DistributedContext()
     ctx.check()
+    device = _prepare_worker(config, ctx)
+    model.to(device)
+    rng = random.Random(config.seed)
+    steps_per_epoch = math.ceil(math.ceil(len(train) / config.batch_size) / ctx.world_size)
+    step = OptimizationStep(model, config, device, total_steps=steps_per_epoch * config.epochs)
+    state = _resume(step, rng, ctx, config.seed, checkpoint_path)
+
+    # Rank 0 decides; the others must know whether a dev evaluation is coming.
+    has_dev = ctx.broadcast(bool(dev))
+    saving = checkpoint_path is not None or ctx.report is not None
+    step.compute_loss = ctx.wrap(model)
+
+    for epoch in range(state.epoch + 1, config.epochs + 1):
+        report = _train_epoch(step, train, rng, config, ctx, epoch, progress)
+        # Scored on dev every train.eval_every epochs, and always after the last one.
+        scored = has_dev and (epoch % max(1, config.eval_every) == 0 or epoch == config.epochs)
+        if scored:
+            report.dev, report.dev_threshold = _dev_scores(model, dev, config, ctx, progress)
+            report.dev_f1 = report.dev["f1"]
+        state.record(report, model, scored=scored, has_dev=has_dev)
+        if ctx.is_main:
+            _log_epoch(report)
+        snapshot = _snapshot(state, step, rng, ctx) if saving else None
+        if checkpoint_path is not None and snapshot is not None:
+            snapshot.save(checkpoint_path)
+        stop = ctx.report(report, model, snapshot) if ctx.report else None
+        if callback and callback(report, model):
+            stop = True
+        if ctx.any(bool(stop)):
+            break
+        if config.patience is not None and state.epochs_without_gain >= config.patience:
+            if ctx.is_main:
+                logger.info("no dev F1 gain for %d epochs: stopping", state.epochs_without_gain)
+            break
+
+    if state.best_state is not None:
+        model.load_state_dict(state.best_state, strict=False)
+    return TrainResult(best_epoch=state.best_epoch, best_dev_f1=state.best_f1, history=state.history)
+
+
+def _prepare_worker(config: TrainConfig, ctx: DistributedContext) -> torch.device:
+    """Seed this process, set its threads and CUDA device; the device to train on."""
     seed_everything(config.seed)
     if ctx.parallel:
         # Same batch order on every rank (the Python RNG), different dropout (torch's).
@@ -311,128 +288,80 @@ def fit(
     device = torch.device(ctx.device) if ctx.device else resolve_device(config.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    model.to(device)
-    rng = random.Random(config.seed)
+    return device
 
-    steps_per_epoch = math.ceil(math.ceil(len(train) / config.batch_size) / ctx.world_size)
-    step = OptimizationStep(model, config, device, total_steps=steps_per_epoch * config.epochs)
 
-    history: list[EpochReport] = []
-    best_f1: float | None = None
-    best_epoch = 0
-    best_state: dict[str, torch.Tensor] | None = None
-    epochs_without_gain = 0
-    first_epoch = 1
-    state = ctx.resume_state
-    source = "the given state"
+def _resume(step: OptimizationStep, rng: random.Random, ctx: DistributedContext, seed: int,
+            checkpoint_path: str | Path | None) -> LoopState:
+    """The state to continue from (the context's, else the checkpoint file's), restored into
+    the model, optimizer and generators; a fresh state when there is none."""
+    state, source = ctx.resume_state, "the given state"
     if state is None and checkpoint_path is not None and Path(checkpoint_path).is_file():
-        state, source = load_training_state(checkpoint_path), str(checkpoint_path)
-    if state is not None:
-        _restore(state, model, step.optimizer, step.scheduler, step.scaler, rng, ctx, config.seed)
-        history = [EpochReport(**report) for report in state["history"]]
-        best_f1, best_epoch, best_state = state["best_f1"], state["best_epoch"], state["best_state"]
-        epochs_without_gain = state["epochs_without_gain"]
-        first_epoch = state["epoch"] + 1
-        logger.info("resuming from %s after epoch %d", source, state["epoch"])
+        state, source = LoopState.load(checkpoint_path), str(checkpoint_path)
+    if state is None:
+        return LoopState()
+    state.restore(step.model, step.optimizer, step.scheduler, step.scaler, rng, ctx.rank, ctx.world_size, seed)
+    logger.info("resuming from %s after epoch %d", source, state.epoch)
+    return state.bookkeeping()
 
-    # Rank 0 decides; the others must know whether a dev evaluation is coming.
-    has_dev = ctx.broadcast(bool(dev))
-    saving = checkpoint_path is not None or ctx.report is not None
-    step.compute_loss = ctx.wrap(model)
 
-    for epoch in range(first_epoch, config.epochs + 1):
-        model.train()
-        started = time.perf_counter()
-        total_loss, batches = 0.0, 0
-        bar = tqdm(
-            shard_batches(list(length_bucketed_batches(train, config.batch_size, rng)), ctx.rank, ctx.world_size),
-            desc=f"epoch {epoch}/{config.epochs}",
-            disable=not (progress and ctx.is_main),
-            leave=False,
-        )
-        for batch in bar:
-            total_loss += float(step(batch))
-            batches += 1
-            bar.set_postfix(loss=f"{total_loss / batches:.4f}")
-        bar.close()
+def _train_epoch(step: OptimizationStep, train: Sequence[Sentence], rng: random.Random, config: TrainConfig,
+                 ctx: DistributedContext, epoch: int, progress: bool) -> EpochReport:
+    """One pass over this rank's share of the batches; its report without dev scores."""
+    step.model.train()
+    started = time.perf_counter()
+    total_loss, batches = 0.0, 0
+    bar = tqdm(
+        shard_batches(list(length_bucketed_batches(train, config.batch_size, rng)), ctx.rank, ctx.world_size),
+        desc=f"epoch {epoch}/{config.epochs}",
+        disable=not (progress and ctx.is_main),
+        leave=False,
+    )
+    for batch in bar:
+        total_loss += float(step(batch))
+        batches += 1
+        bar.set_postfix(loss=f"{total_loss / batches:.4f}")
+    bar.close()
+    return EpochReport(
+        epoch=epoch,
+        train_loss=ctx.mean(total_loss / max(1, batches)),
+        seconds=time.perf_counter() - started,
+        peak_rss_mib=peak_rss_mib(),
+    )
 
-        report = EpochReport(
-            epoch=epoch,
-            train_loss=ctx.mean(total_loss / max(1, batches)),
-            seconds=time.perf_counter() - started,
-            peak_rss_mib=peak_rss_mib(),
-        )
-        # An epoch between evaluations (train.eval_every) is never the best one: the kept
-        # model is always one that was scored on dev. The last epoch is always evaluated.
-        evaluate_now = epoch % max(1, config.eval_every) == 0 or epoch == config.epochs
-        if has_dev and evaluate_now:
-            scores = None
-            if ctx.is_main and config.select_on_thresholds and config.threshold_candidates:
-                # Few-shot models are shy: at 0.5 every epoch may score 0 and the first one
-                # would be kept. Judge each epoch at its best dev threshold instead.
-                by_threshold = evaluate_thresholds(model, dev, config.threshold_candidates, config.eval_batch_size)
-                report.dev_threshold = _best_threshold({t: sc.f1 for t, sc in by_threshold.items()})
-                scores = by_threshold[report.dev_threshold]
-            elif ctx.is_main:
-                scores = evaluate(model, dev, config.eval_batch_size, progress=progress)
-            report.dev = ctx.broadcast(scores.to_dict() if scores is not None else None)
-            report.dev_threshold = ctx.broadcast(report.dev_threshold)
-            report.dev_f1 = report.dev["f1"]
-            if best_f1 is None or report.dev_f1 > best_f1:
-                best_f1, best_epoch = report.dev_f1, epoch
-                best_state = _trainable_state(model)
-                report.is_best = True
-                epochs_without_gain = 0
-            else:
-                epochs_without_gain += 1
-        elif not has_dev:
-            best_epoch, report.is_best = epoch, True
-        report.best_dev_f1, report.best_epoch = best_f1, best_epoch
-        history.append(report)
-        if ctx.is_main:
-            logger.info(
-                "epoch %d loss %.4f dev F1 %s best %s (epoch %d) %.1fs",
-                epoch,
-                report.train_loss,
-                "-" if report.dev_f1 is None else f"{report.dev_f1:.4f}",
-                "-" if best_f1 is None else f"{best_f1:.4f}",
-                best_epoch,
-                report.seconds,
-            )
-        loop_state = None
-        if saving:
-            # Every rank's dropout stream, so a resumed data-parallel run is the same run.
-            torch_rng_by_rank = ctx.gather(torch.get_rng_state()) if ctx.parallel else None
-            if ctx.is_main:
-                loop_state = {
-                    "epoch": epoch,
-                    "model": _trainable_state(model),
-                    "optimizer": step.optimizer.state_dict(),
-                    "scheduler": step.scheduler.state_dict(),
-                    "batch_rng": rng.getstate(),
-                    "torch_rng": torch.get_rng_state(),
-                    "history": [r.to_dict() for r in history],
-                    "best_f1": best_f1,
-                    "best_epoch": best_epoch,
-                    "best_state": best_state,
-                    "epochs_without_gain": epochs_without_gain,
-                }
-                if step.scaler is not None:
-                    loop_state["scaler"] = step.scaler.state_dict()
-                if torch_rng_by_rank is not None:
-                    loop_state["torch_rng_by_rank"] = torch_rng_by_rank
-        if checkpoint_path is not None and loop_state is not None:
-            save_training_state(checkpoint_path, loop_state)
-        stop = ctx.report(report, model, loop_state) if ctx.report else None
-        if callback and callback(report, model):
-            stop = True
-        if ctx.any(bool(stop)):
-            break
-        if config.patience is not None and epochs_without_gain >= config.patience:
-            if ctx.is_main:
-                logger.info("no dev F1 gain for %d epochs: stopping", epochs_without_gain)
-            break
 
-    if best_state is not None:
-        model.load_state_dict(best_state, strict=False)
-    return TrainResult(best_epoch=best_epoch, best_dev_f1=best_f1, history=history)
+def _dev_scores(model: KnowFreeModel, dev: Sequence[Sentence] | None, config: TrainConfig,
+                ctx: DistributedContext, progress: bool) -> tuple[dict, Optional[float]]:
+    """Rank 0's dev scores (``SpanScores.to_dict()``) and threshold, on every rank."""
+    scores, threshold = None, None
+    if ctx.is_main and config.select_on_thresholds and config.threshold_candidates:
+        # Few-shot models are shy: at 0.5 every epoch may score 0 and the first one
+        # would be kept. Judge each epoch at its best dev threshold instead.
+        by_threshold = evaluate_thresholds(model, dev, config.threshold_candidates, config.eval_batch_size)
+        threshold = _best_threshold({t: sc.f1 for t, sc in by_threshold.items()})
+        scores = by_threshold[threshold]
+    elif ctx.is_main:
+        scores = evaluate(model, dev, config.eval_batch_size, progress=progress)
+    return ctx.broadcast(scores.to_dict() if scores is not None else None), ctx.broadcast(threshold)
+
+
+def _snapshot(state: LoopState, step: OptimizationStep, rng: random.Random,
+              ctx: DistributedContext) -> LoopState | None:
+    """The state to save and report: on rank 0 only, but every rank takes part in gathering."""
+    # Every rank's dropout stream, so a resumed data-parallel run is the same run.
+    torch_rng_by_rank = ctx.gather(torch.get_rng_state()) if ctx.parallel else None
+    if not ctx.is_main:
+        return None
+    return state.snapshot(step.model, step.optimizer, step.scheduler, step.scaler, rng, torch_rng_by_rank)
+
+
+def _log_epoch(report: EpochReport) -> None:
+    logger.info(
+        "epoch %d loss %.4f dev F1 %s best %s (epoch %d) %.1fs",
+        report.epoch,
+        report.train_loss,
+        "-" if report.dev_f1 is None else f"{report.dev_f1:.4f}",
+        "-" if report.best_dev_f1 is None else f"{report.best_dev_f1:.4f}",
+        report.best_epoch,
+        report.seconds,
+    )

@@ -4,26 +4,11 @@ section, with the command, to the results file given."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 import yaml
 
+from bench_scripts import load_bench_script
 from model_fixtures import tiny_run_config
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_script():
-    # bench/ is not a package; registered in sys.modules because OmegaConf reads dataclass
-    # annotations through their module (as tests/test_bench_quality.py does).
-    spec = importlib.util.spec_from_file_location("bench_model_throughput", ROOT / "bench" / "model_throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _table_rows(output: str) -> dict[str, list[str]]:
@@ -38,7 +23,7 @@ def _table_rows(output: str) -> dict[str, list[str]]:
 
 
 def test_train_and_predict_rows_and_one_appended_section(tmp_path, capsys):
-    bench = _load_script()
+    bench = load_bench_script("model_throughput", "bench_model_throughput")
     run = tiny_run_config(tmp_path)
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(run), encoding="utf-8")

@@ -4,7 +4,6 @@ cluster (a second invocation runs nothing)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -12,20 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench_scripts import load_bench_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _load_harness():
-    # bench/ is not a package; registered in sys.modules because OmegaConf reads the
-    # dataclasses' annotations through their module.
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = _load_harness()
+quality = load_bench_script("quality", "bench_quality")
 PAPER = yaml.safe_load((ROOT / "bench" / "paper_results.yaml").read_text(encoding="utf-8"))
 
 

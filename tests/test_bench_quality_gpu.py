@@ -4,29 +4,19 @@ and import the records into the harness's results file without duplicates."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from bench_scripts import load_bench_script
 
 
 def test_export_train_import_round_trip(ray_cluster, tmp_path, capsys):
     from model_fixtures import tiny_quality_config
 
-    quality_gpu = _load("quality_gpu")
+    quality_gpu = load_bench_script("quality_gpu")
     config_path = tiny_quality_config(tmp_path, seeds=[1, 2], variants=["noext", "biaffine"])
     results = tmp_path / "results.jsonl"
     # one cell is already done: export leaves it out
@@ -84,7 +74,7 @@ def test_the_bundle_keeps_only_the_layers_the_runs_read(tmp_path):
     from knowfree_core.encoders.unit_encoder import UnitEncoder
     from model_fixtures import make_random_encoder
 
-    quality_gpu = _load("quality_gpu")
+    quality_gpu = load_bench_script("quality_gpu")
     assert quality_gpu.deepest_layer([(6, None), ([2, 4], None)]) == 6
     assert quality_gpu.deepest_layer([(6, None), ("mix", 3)]) == 6
     assert quality_gpu.deepest_layer([(6, None), ("mix", None)]) is None

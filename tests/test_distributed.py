@@ -12,7 +12,8 @@ import torch
 
 from knowfree_core.config import TrainConfig
 from knowfree_core.distributed import DistributedContext, shard_batches
-from knowfree_core.training import fit, load_training_state, save_training_state
+from knowfree_core.loop_state import LoopState
+from knowfree_core.training import fit
 
 from model_fixtures import build_tiny_model, make_random_encoder, tiny_corpus
 
@@ -51,7 +52,7 @@ def _worker(rank: int, world_size: int, port: int, encoder_dir: str, out_dir: st
         def crash_after_two(report, _model, state):
             assert (state is not None) == (rank == 0)
             if state is not None:
-                save_training_state(state_path, state)
+                state.save(state_path)
             if report.epoch == 2:
                 raise Crash()
 
@@ -62,7 +63,7 @@ def _worker(rank: int, world_size: int, port: int, encoder_dir: str, out_dir: st
         seen = []
         resumed = _model(encoder_dir, train)
         result = fit(resumed, train, dev, config, progress=False, distributed=DistributedContext(
-            rank=rank, world_size=world_size, resume_state=load_training_state(state_path),
+            rank=rank, world_size=world_size, resume_state=LoopState.load(state_path),
             report=lambda report, _m, _s: seen.append(report.epoch)))
         torch.save({
             "seen": seen,

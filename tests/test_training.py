@@ -91,3 +91,27 @@ def test_eval_every_scores_dev_on_schedule_and_after_the_last_epoch(encoder_dir)
     result = fit(_model(encoder_dir, train), train, dev, config, progress=False)
     assert [report.dev_f1 is not None for report in result.history] == [False, True, True]
     assert result.best_epoch in (2, 3)
+
+
+def test_warmup_schedule_is_transformers_linear_one_step_ahead_during_warmup():
+    """Why the schedule is not transformers' own: the two agree after the warm-up (and with
+    none), but transformers starts at a learning rate of 0 where this one starts at 1/warmup."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from knowfree_core.training import linear_warmup_decay
+
+    def factors(make, warmup, total):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = make(optimizer, warmup, total)
+        out = []
+        for _ in range(total + 2):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    ours, theirs = factors(linear_warmup_decay, 0, 10), factors(get_linear_schedule_with_warmup, 0, 10)
+    assert ours == theirs
+    ours, theirs = factors(linear_warmup_decay, 4, 20), factors(get_linear_schedule_with_warmup, 4, 20)
+    assert ours[4:] == theirs[4:]
+    assert ours[:4] == theirs[1:5] == [0.25, 0.5, 0.75, 1.0] and theirs[0] == 0.0

@@ -29,7 +29,6 @@ Labels
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -40,6 +39,8 @@ from knowfree_core.annotators.alignment import (
     align_words,
 )
 from knowfree_core.records import ExtensionSpan, Sentence
+from knowfree_core.registry import LazyRegistry
+from knowfree_core.retry import run_batch_or_one_by_one
 
 STEPS: tuple[str, ...] = ("ent", "seg", "pos")
 
@@ -129,31 +130,17 @@ class WordTaggerAnnotator(Annotator):
         wanted = self.check_steps(steps)
         if not sentences:
             return []
-        tagged, errors = self._tag_safely([s.text for s in sentences])
+        # A single bad sentence costs only its own annotations: (words, error) per sentence.
+        tagged: list[tuple[list[tuple[str, str]], str | None]] = run_batch_or_one_by_one(
+            lambda batch: [(words, None) for words in self._tag_texts([s.text for s in batch])],
+            sentences,
+            lambda _sentence, error: ([], error),
+            what=f"annotator {self.name}",
+        )
         return [
             self._result(sentence, words, error, wanted)
-            for sentence, words, error in zip(sentences, tagged, errors)
+            for sentence, (words, error) in zip(sentences, tagged)
         ]
-
-    def _tag_safely(self, texts: list[str]) -> tuple[list[list[tuple[str, str]]], list[str | None]]:
-        """Tag in one batch; if the batch fails, retry one by one so that a single bad
-        sentence costs only its own annotations."""
-        try:
-            tagged = self._tag_texts(texts)
-            if len(tagged) == len(texts):
-                return tagged, [None] * len(texts)
-        except Exception:  # noqa: BLE001 - any tool failure is retried per sentence below
-            pass
-        out: list[list[tuple[str, str]]] = []
-        errors: list[str | None] = []
-        for text in texts:
-            try:
-                out.append(self._tag_texts([text])[0])
-                errors.append(None)
-            except Exception as exc:  # noqa: BLE001 - reported as a rejection, not raised
-                out.append([])
-                errors.append(f"{type(exc).__name__}: {exc}")
-        return out, errors
 
     def _result(
         self,
@@ -228,17 +215,22 @@ def apply_annotations(
     return updated
 
 
-# name -> "module:Class". Imported on demand so that asking for jieba does not load LAC.
-_REGISTRY: dict[str, str] = {
-    "lac": "knowfree_core.annotators.lac:LacAnnotator",
-    "jieba": "knowfree_core.annotators.jieba_annotator:JiebaAnnotator",
-    "llm": "knowfree_core.llm.annotator:LLMAnnotator",
-    "knowfree": "knowfree_core.annotators.knowfree_model:KnowFreeModelAnnotator",
-}
+# Imported on demand so that asking for jieba does not load LAC.
+_REGISTRY = LazyRegistry(
+    {
+        "lac": "knowfree_core.annotators.lac:LacAnnotator",
+        "jieba": "knowfree_core.annotators.jieba_annotator:JiebaAnnotator",
+        "llm": "knowfree_core.llm.annotator:LLMAnnotator",
+        "knowfree": "knowfree_core.annotators.knowfree_model:KnowFreeModelAnnotator",
+    },
+    what="annotator",
+    plural="annotators",
+    open=True,
+)
 
 
 def known_annotators() -> tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
+    return _REGISTRY.names()
 
 
 def get_annotator(name: str, **options: Any) -> Annotator:
@@ -247,14 +239,4 @@ def get_annotator(name: str, **options: Any) -> Annotator:
     ``name`` may also be ``"package.module:ClassName"``: a user's own ``Annotator`` subclass,
     plugged in without changing this registry.
     """
-    target = _REGISTRY.get(name)
-    if target is None and ":" in name:
-        target = name
-    if target is None:
-        raise ValueError(
-            f"unknown annotator {name!r}; known annotators: {', '.join(known_annotators())} "
-            "(or 'package.module:ClassName')"
-        )
-    module_name, class_name = target.split(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(**options)
+    return _REGISTRY.resolve(name)(**options)

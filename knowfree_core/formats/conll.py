@@ -26,6 +26,7 @@ from knowfree_core.formats.tagging import (
     DEFAULT_UNTYPED_LABEL,
     ReadReport,
     detect_scheme,
+    joiner_for,
     spans_to_tags,
     tags_to_spans,
 )
@@ -227,18 +228,10 @@ def read_conll(
             untyped_label=untyped_label,
         )
         extensions = _segmentation(block.rows) if strip_position_digit and position_digits_as_segmentation else []
-        sentences.append(
-            Sentence(
-                id=block.id if block.id is not None else default_id(path, index),
-                units=[row.unit for row in block.rows],
-                spans=spans,
-                extension_spans=extensions,
-                joiner="" if level == "char" else " ",
-            )
-        )
-    report.sentences = len(sentences)
-    report.spans = sum(len(s.spans) for s in sentences)
-    return sentences
+        sentence_id = block.id if block.id is not None else default_id(path, index)
+        units = [row.unit for row in block.rows]
+        sentences.append(Sentence(sentence_id, units, spans, extensions, joiner=joiner_for(level)))
+    return report.counted(sentences)
 
 
 def _positions(sentence: Sentence) -> list[int]:

@@ -18,7 +18,7 @@ from typing import Iterable
 
 from knowfree_core.errors import DataFormatError
 from knowfree_core.formats._io import read_lines, write_text
-from knowfree_core.formats.tagging import ReadReport
+from knowfree_core.formats.tagging import ReadReport, joiner_for
 from knowfree_core.records import ExtensionSpan, Sentence, Span
 
 SEG_LABEL = "W"
@@ -141,18 +141,9 @@ def read_conllu(
             for view in views
             for (s, e), w in zip(bounds, block.words)
         ]
-        sentences.append(
-            Sentence(
-                id=block.id if block.id else f"{Path(path).stem}-{index}",
-                units=units,
-                spans=spans,
-                extension_spans=extension_spans,
-                joiner="" if level == "char" else " ",
-            )
-        )
-    report.sentences = len(sentences)
-    report.spans = sum(len(s.spans) for s in sentences)
-    return sentences
+        sentence_id = block.id if block.id else f"{Path(path).stem}-{index}"
+        sentences.append(Sentence(sentence_id, units, spans, extension_spans, joiner=joiner_for(level)))
+    return report.counted(sentences)
 
 
 def _tiling(sentence: Sentence) -> list[Span]:

@@ -100,9 +100,7 @@ def read_jsonl(path: str | Path, *, report: ReadReport | None = None) -> list[Se
             except json.JSONDecodeError as err:
                 raise DataFormatError(path, number, f"invalid JSON at column {err.colno}: {err.msg}", _EXPECTED) from None
             _keep(parse_record(record, path, number), f"{path}:{number}", sentences, report)
-    report.sentences = len(sentences)
-    report.spans = sum(len(s.spans) for s in sentences)
-    return sentences
+    return report.counted(sentences)
 
 
 def write_jsonl(sentences: Iterable[Sentence], path: str | Path) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from knowfree_core.errors import DataFormatError
-from knowfree_core.records import Span
+from knowfree_core.records import Sentence, Span
 
 SCHEMES = ("BIO", "BIOES", "BMES")
 
@@ -41,6 +41,11 @@ DEFAULT_UNTYPED_LABEL = "W"
 _MAX_EXAMPLES = 5
 
 
+def joiner_for(level: str) -> str:
+    """``Sentence.joiner`` of a file read at ``level``: characters join without spaces."""
+    return "" if level == "char" else " "
+
+
 @dataclass
 class ReadReport:
     """What a reader saw and fixed in one file, so callers can tell users about it."""
@@ -60,6 +65,12 @@ class ReadReport:
     #: zero-length grid breaks batching, so readers drop them and count them here.
     empty_sentences: int = 0
     empty_examples: list[str] = field(default_factory=list)
+
+    def counted(self, sentences: list[Sentence]) -> list[Sentence]:
+        """``sentences``, after counting them and their spans: what every reader ends with."""
+        self.sentences = len(sentences)
+        self.spans = sum(len(s.spans) for s in sentences)
+        return sentences
 
     def note_repair(self, where: str, problem: str) -> None:
         self.repairs += 1
@@ -188,23 +199,18 @@ def tags_to_spans(
                 repair(i, f"{kind} span not closed by E-{kind} before {tags[i]}", f"E-{kind} or S-{kind}")
             close(i)
             start, kind = i, label
-        elif prefix == inside:
+        elif prefix in (inside, "E"):
+            # Repaired by starting a span here: one that never began, or that changes type.
             if start is None:
                 repair(i, f"{tags[i]} without a preceding B-{label}", f"B-{label} before {tags[i]}")
                 start, kind = i, label
             elif kind != label:
-                repair(i, f"type changes from {kind} to {label} inside a span", f"{inside}-{kind} or B-{label}")
+                expected = f"E-{kind}" if prefix == "E" else f"{inside}-{kind} or B-{label}"
+                repair(i, f"type changes from {kind} to {label} inside a span", expected)
                 close(i)
                 start, kind = i, label
-        elif prefix == "E":
-            if start is None:
-                repair(i, f"{tags[i]} without a preceding B-{label}", f"B-{label} before {tags[i]}")
-                start, kind = i, label
-            elif kind != label:
-                repair(i, f"type changes from {kind} to {label} inside a span", f"E-{kind}")
-                close(i)
-                start, kind = i, label
-            close(i + 1)
+            if prefix == "E":
+                close(i + 1)
         else:  # S
             if start is not None and needs_close:
                 repair(i, f"{kind} span not closed by E-{kind} before {tags[i]}", f"E-{kind}")

@@ -12,10 +12,11 @@ dependency (openai, vllm, transformers) only when chosen.
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from knowfree_core.registry import LazyRegistry
 
 #: One chat prompt: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
 ChatPrompt = list[dict[str, str]]
@@ -151,6 +152,13 @@ class LLMEngine(ABC):
 
     def __init__(self, config: EngineConfig):
         self.config = config
+        #: Prompts go as plain text (:func:`render_plain`): ``chat_template: plain``, or a base
+        #: model without a template (each engine decides once its model is loaded).
+        self._plain = config.chat_template == "plain"
+
+    def stops(self, params: GenerationParams, limit: int | None = None) -> list[str]:
+        """The stop strings to send: plain text also stops at :data:`PLAIN_STOP`."""
+        return plain_stops(params, limit) if self._plain else list(params.stop)
 
     @property
     def model_name(self) -> str:
@@ -165,22 +173,21 @@ class LLMEngine(ABC):
         """Release connections, processes or GPU memory. Safe to call twice."""
 
 
-# kind -> "module:Class"; imported on demand so that choosing openai never imports vllm.
-_ENGINES: dict[str, str] = {
-    "openai": "knowfree_core.llm.openai_engine:OpenAIEngine",
-    "vllm": "knowfree_core.llm.vllm_engine:VLLMEngine",
-    "transformers": "knowfree_core.llm.transformers_engine:TransformersEngine",
-}
+# Imported on demand so that choosing openai never imports vllm.
+_ENGINES = LazyRegistry(
+    {
+        "openai": "knowfree_core.llm.openai_engine:OpenAIEngine",
+        "vllm": "knowfree_core.llm.vllm_engine:VLLMEngine",
+        "transformers": "knowfree_core.llm.transformers_engine:TransformersEngine",
+    },
+    what="LLM engine",
+    plural="engines",
+)
 
 
 def known_engines() -> tuple[str, ...]:
-    return tuple(sorted(_ENGINES))
+    return _ENGINES.names()
 
 
 def build_engine(config: EngineConfig) -> LLMEngine:
-    target = _ENGINES.get(config.kind)
-    if target is None:
-        raise ValueError(f"unknown LLM engine {config.kind!r}; known engines: {', '.join(known_engines())}")
-    module_name, class_name = target.split(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(config)
+    return _ENGINES.resolve(config.kind)(config)

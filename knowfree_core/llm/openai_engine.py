@@ -19,15 +19,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from knowfree_core.errors import ConfigError
-from knowfree_core.llm.engine import (
-    ChatPrompt,
-    Completion,
-    EngineConfig,
-    GenerationParams,
-    LLMEngine,
-    plain_stops,
-    render_plain,
-)
+from knowfree_core.llm.engine import ChatPrompt, Completion, EngineConfig, GenerationParams, LLMEngine, render_plain
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +91,6 @@ class OpenAIEngine(LLMEngine):
             max_retries=config.max_retries,
             timeout=config.timeout_s,
         )
-        self._plain = config.chat_template == "plain"
         log.info(
             "openai engine: model=%s base_url=%s key from %s%s",
             config.model,
@@ -134,14 +125,14 @@ class OpenAIEngine(LLMEngine):
                          "temperature": params.temperature, "top_p": params.top_p}
         if params.seed is not None:
             options["seed"] = params.seed
+        stops = self.stops(params, limit=_MAX_STOPS)
+        if stops:
+            options["stop"] = stops
         try:
             if self._plain:
-                options["stop"] = plain_stops(params, limit=_MAX_STOPS)
                 response = self._client.completions.create(prompt=render_plain(prompt), **options)
                 choice = response.choices[0]
                 return Completion(text=choice.text or "", finish_reason=choice.finish_reason)
-            if params.stop:
-                options["stop"] = list(params.stop)
             response = self._client.chat.completions.create(messages=prompt, **options)
             choice = response.choices[0]
             return Completion(text=choice.message.content or "", finish_reason=choice.finish_reason)

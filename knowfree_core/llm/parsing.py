@@ -353,6 +353,24 @@ def _pair_item(answer: ParsedAnswer, index: int, item: Any, keys: tuple[tuple[st
         answer.rejections.append(Rejection(REASON_BAD_ITEM, f"item #{index} {_show(item)} is not a ({names[0]}, {names[1]}) pair"))
 
 
+def _read_pairs(answer: ParsedAnswer, value: Any, joined: re.Pattern, keys: tuple[tuple[str, ...], tuple[str, ...]],
+                names: tuple[str, str]) -> ParsedAnswer:
+    """Pairs from a list of objects, ``[first, second]`` lists or strings that ``joined``
+    splits into its two groups (``"北京(地点)"``, ``"北京/ns"``), or from one object
+    ``{first: second}``."""
+    if isinstance(value, dict):
+        if value and all(_text(v) is not None for v in value.values()):
+            value = [[first, second] for first, second in value.items()]
+        else:
+            return _fail(answer, REASON_NOT_A_LIST, f"answer is an object with keys {_show(list(value)[:8])}")
+    for index, item in enumerate(value):
+        if isinstance(item, str):
+            match = joined.match(item.strip())
+            item = [match.group(1), match.group(2)] if match else [item]
+        _pair_item(answer, index, item, keys, names)
+    return answer
+
+
 @_safely
 def parse_entities(text: str) -> ParsedAnswer[list[tuple[str, str]]]:
     """(entity, type) pairs from a P_ent answer.
@@ -368,19 +386,10 @@ def parse_entities(text: str) -> ParsedAnswer[list[tuple[str, str]]]:
     if found is None:
         return _fail(answer, REASON_NO_JSON, f"answer {_show(text)}")
     value = _unwrap(found.value, ENTITY_KEYS + TYPE_KEYS, any_single_list=False)
-    if isinstance(value, dict):
-        if value and all(isinstance(v, list) for v in value.values()):
-            value = [[entity, entity_type] for entity_type, entities in value.items() for entity in entities]
-        elif value and all(_text(v) is not None for v in value.values()):
-            value = [[entity, entity_type] for entity, entity_type in value.items()]
-        else:
-            return _fail(answer, REASON_NOT_A_LIST, f"answer is an object with keys {_show(list(value)[:8])}")
-    for index, item in enumerate(value):
-        if isinstance(item, str):
-            match = _ENTITY_WITH_TYPE.match(item)
-            item = [match.group(1), match.group(2)] if match else [item]
-        _pair_item(answer, index, item, (ENTITY_KEYS, TYPE_KEYS), ("entity", "type"))
-    return answer
+    if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
+        value = [[entity, entity_type] for entity_type, entities in value.items() for entity in entities]
+    # The pattern allows spaces around its parts, so it reads the stripped text alike.
+    return _read_pairs(answer, value, _ENTITY_WITH_TYPE, (ENTITY_KEYS, TYPE_KEYS), ("entity", "type"))
 
 
 # -- words (P_seg) ------------------------------------------------------------------------
@@ -456,17 +465,7 @@ def parse_pos(text: str) -> ParsedAnswer[list[tuple[str, str]]]:
         value: Any = tokens
     else:
         value = _unwrap(found.value, WORD_KEYS + POS_KEYS, any_single_list=False)
-    if isinstance(value, dict):
-        if value and all(_text(v) is not None for v in value.values()):
-            value = [[word, pos] for word, pos in value.items()]
-        else:
-            return _fail(answer, REASON_NOT_A_LIST, f"answer is an object with keys {_show(list(value)[:8])}")
-    for index, item in enumerate(value):
-        if isinstance(item, str):
-            match = _WORD_SLASH_POS.match(item.strip())
-            item = [match.group(1), match.group(2)] if match else [item]
-        _pair_item(answer, index, item, (WORD_KEYS, POS_KEYS), ("word", "pos"))
-    return answer
+    return _read_pairs(answer, value, _WORD_SLASH_POS, (WORD_KEYS, POS_KEYS), ("word", "pos"))
 
 
 # -- synonym groups (P_merge) -------------------------------------------------------------

@@ -19,15 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from knowfree_core.encoders.e5_offline import default_cache_root
-from knowfree_core.llm.engine import (
-    ChatPrompt,
-    Completion,
-    EngineConfig,
-    GenerationParams,
-    LLMEngine,
-    plain_stops,
-    render_plain,
-)
+from knowfree_core.llm.engine import ChatPrompt, Completion, EngineConfig, GenerationParams, LLMEngine, render_plain
+from knowfree_core.retry import run_batch_or_one_by_one
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +125,10 @@ class TransformersEngine(LLMEngine):
             model_dir, dtype=self._dtype(), **load, **({} if gguf_file else {"use_safetensors": True})
         )
         self.model.to(config.device).eval()
-        self._template = config.chat_template != "plain" and bool(getattr(self.tokenizer, "chat_template", None))
+        self._plain = self._plain or not getattr(self.tokenizer, "chat_template", None)
         log.info("transformers engine: %s%s on %s, %s prompts", model_dir,
                  f" ({gguf_file})" if gguf_file else "", config.device,
-                 "chat-template" if self._template else "plain-text")
+                 "plain-text" if self._plain else "chat-template")
 
     def _dtype(self):
         if self.config.dtype in ("auto", "", None):
@@ -144,30 +137,17 @@ class TransformersEngine(LLMEngine):
         return getattr(self._torch, self.config.dtype)
 
     def render(self, prompt: ChatPrompt) -> str:
-        if self._template:
-            return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        return render_plain(prompt)
-
-    def _stops(self, params: GenerationParams) -> list[str]:
-        return list(params.stop) if self._template else plain_stops(params)
+        if self._plain:
+            return render_plain(prompt)
+        return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
     def generate(self, prompts: list[ChatPrompt], params: GenerationParams) -> list[Completion]:
         batch_size = max(1, self.config.max_concurrency)
         completions: list[Completion] = []
         for start in range(0, len(prompts), batch_size):
-            batch = prompts[start:start + batch_size]
-            try:
-                completions.extend(self._batch(batch, params))
-            except Exception as exc:  # retry singly: one bad prompt must not cost the batch
-                if len(batch) == 1:
-                    completions.append(Completion(error=f"{type(exc).__name__}: {exc}"))
-                    continue
-                log.warning("transformers batch of %d failed (%s); retrying one by one", len(batch), exc)
-                for prompt in batch:
-                    try:
-                        completions.extend(self._batch([prompt], params))
-                    except Exception as single_exc:
-                        completions.append(Completion(error=f"{type(single_exc).__name__}: {single_exc}"))
+            completions.extend(run_batch_or_one_by_one(
+                lambda batch: self._batch(batch, params), prompts[start:start + batch_size],
+                lambda _prompt, error: Completion(error=error), what="transformers engine"))
         return completions
 
     def _batch(self, prompts: list[ChatPrompt], params: GenerationParams) -> list[Completion]:
@@ -175,13 +155,13 @@ class TransformersEngine(LLMEngine):
         texts = [self.render(prompt) for prompt in prompts]
         # A chat template already writes the BOS token; plain text needs the tokenizer to add it.
         encoded = self.tokenizer(texts, return_tensors="pt", padding=True,
-                                 add_special_tokens=not self._template).to(self.config.device)
+                                 add_special_tokens=self._plain).to(self.config.device)
         prompt_length = encoded["input_ids"].shape[1]
         limit = self.config.max_model_len
         if limit and prompt_length + params.max_tokens > limit:
             raise ValueError(f"prompt of {prompt_length} tokens + max_tokens {params.max_tokens} exceeds "
                              f"max_model_len {limit}")
-        stops = self._stops(params)
+        stops = self.stops(params)
         options: dict[str, Any] = {
             "max_new_tokens": params.max_tokens,
             "pad_token_id": self.tokenizer.pad_token_id,

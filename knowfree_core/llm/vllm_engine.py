@@ -11,15 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from knowfree_core.llm.engine import (
-    ChatPrompt,
-    Completion,
-    EngineConfig,
-    GenerationParams,
-    LLMEngine,
-    plain_stops,
-    render_plain,
-)
+from knowfree_core.llm.engine import ChatPrompt, Completion, EngineConfig, GenerationParams, LLMEngine, render_plain
+from knowfree_core.retry import run_batch_or_one_by_one
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +51,11 @@ class VLLMEngine(LLMEngine):
         has_template = bool(
             getattr(self._llm, "chat_template", None) or getattr(self._llm.get_tokenizer(), "chat_template", None)
         )
-        self._plain = config.chat_template == "plain" or not has_template
+        self._plain = self._plain or not has_template
         log.info("vllm engine: %s, %s prompts", config.model, "plain-text" if self._plain else "chat")
 
     def _sampling(self, params: GenerationParams) -> Any:
-        stops = plain_stops(params) if self._plain else list(params.stop)
+        stops = self.stops(params)
         return self._sampling_params_cls(
             max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
             seed=params.seed, stop=stops or None,
@@ -85,19 +78,8 @@ class VLLMEngine(LLMEngine):
         if self._llm is None:
             raise RuntimeError("the vllm engine is closed")
         sampling = self._sampling(params)
-        try:
-            return self._run(prompts, sampling)
-        except Exception as exc:
-            if len(prompts) == 1:
-                return [Completion(error=f"{type(exc).__name__}: {exc}")]
-            log.warning("vllm batch of %d failed (%s: %s); retrying one by one", len(prompts), type(exc).__name__, exc)
-        completions = []
-        for prompt in prompts:
-            try:
-                completions.extend(self._run([prompt], sampling))
-            except Exception as exc:
-                completions.append(Completion(error=f"{type(exc).__name__}: {exc}"))
-        return completions
+        return run_batch_or_one_by_one(lambda batch: self._run(batch, sampling), prompts,
+                                       lambda _prompt, error: Completion(error=error), what="vllm engine")
 
     def close(self) -> None:
         """Stop vLLM's engine-core process now (it holds the KV cache: GPU memory, or

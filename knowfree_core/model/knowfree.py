@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import EncoderConfig, ModelConfig
-from ..decoding import decode_flat, decode_nested
+from ..decoding import decode_spans
 from ..encoders.unit_encoder import UnitEncoder
 from ..errors import KnowFreeError
 from ..labels import LabelVocab
@@ -178,11 +178,10 @@ class KnowFreeModel(nn.Module):
         return results
 
     def decode(self, logits: Sequence[torch.Tensor], threshold: float | None = None) -> list[list[Span]]:
-        decode = decode_nested if self.config.decode == "nested" else decode_flat
         threshold = self.config.threshold if threshold is None else threshold
         return [
-            decode(sentence_logits, self.vocab.targets, threshold=threshold,
-                   max_span_length=self.config.max_span_length) if sentence_logits.numel() else []
+            decode_spans(sentence_logits, self.vocab.targets, threshold=threshold, nested=self.config.decode == "nested",
+                         max_span_length=self.config.max_span_length) if sentence_logits.numel() else []
             for sentence_logits in logits
         ]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import html
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -27,6 +27,8 @@ class Paragraph:
 class Table:
     header: list[str]
     rows: list[list[str]] = field(default_factory=list)
+    #: One letter per column, ``r`` to right-align it in Markdown (numbers); missing: left.
+    align: str = ""
 
 
 @dataclass
@@ -43,6 +45,14 @@ def _md_cell(text: str) -> str:
     return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
+def markdown_table(header: Sequence[object], rows: Iterable[Sequence[object]], align: str = "") -> str:
+    """A Markdown table, cells escaped; ``align`` as :attr:`Table.align`."""
+    rule = ["---:" if letter == "r" else "---" for letter in align.ljust(len(header), "l")]
+    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "|".join(rule) + "|"]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def render_markdown(blocks: Sequence[Block]) -> str:
     parts = []
     for block in blocks:
@@ -51,10 +61,7 @@ def render_markdown(blocks: Sequence[Block]) -> str:
         elif isinstance(block, Paragraph):
             parts.append(block.text)
         elif isinstance(block, Table):
-            lines = ["| " + " | ".join(_md_cell(h) for h in block.header) + " |",
-                     "|" + "|".join("---" for _ in block.header) + "|"]
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in block.rows]
-            parts.append("\n".join(lines))
+            parts.append(markdown_table(block.header, block.rows, block.align))
         elif isinstance(block, Image):
             parts.append(f"![{_md_cell(block.alt)}]({block.file})")
     return "\n\n".join(parts) + "\n"

@@ -1,0 +1,39 @@
+"""Arrow batches of a Ray dataset through a pool of actors, each holding one heavy object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass
+class ActorPool:
+    """A Ray Data actor pool (``map_batches`` with an ``ActorPoolStrategy``). One actor holds
+    one heavy object (an LLM engine, a LAC model, a KnowFREE model, an embedding model) and
+    serves batches of rows."""
+
+    num_actors: int = 2
+    batch_size: int = 64
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+
+
+def map_with_actor_pool(dataset: Any, actor: Callable[..., Any], constructor_kwargs: dict[str, Any],
+                        pool: ActorPool) -> Any:
+    """``dataset.map_batches`` through ``pool.num_actors`` instances of ``actor`` (built with
+    ``constructor_kwargs``), which map a ``pyarrow.Table`` to a ``pyarrow.Table``.
+
+    Ray Data restarts a crashed actor and retries its batch by default (max_restarts=-1,
+    max_task_retries=-1): no row is lost with it.
+    """
+    import ray
+
+    return dataset.map_batches(
+        actor,
+        fn_constructor_kwargs=constructor_kwargs,
+        batch_size=pool.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=pool.num_actors),
+        num_cpus=pool.cpus_per_actor,
+        num_gpus=pool.gpus_per_actor or None,
+    )

@@ -1,0 +1,23 @@
+"""Loading a bench/ script in a test: bench/ is not a package."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_bench_script(stem: str, module_name: str | None = None) -> ModuleType:
+    """Execute ``bench/<stem>.py`` as the module ``module_name`` (default: ``stem``).
+
+    Registered in ``sys.modules`` because OmegaConf reads dataclass annotations through their
+    module.
+    """
+    spec = importlib.util.spec_from_file_location(module_name or stem, ROOT / "bench" / f"{stem}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
