@@ -22,9 +22,10 @@ from typing import Dict, List, Optional
 import numpy as np
 from omegaconf import MISSING
 
-from jobs.annotate import LLMSettings
-from jobs.common import RayConfig, config_arguments, init_ray, run_main
-from knowfree_core.config import load_structured
+from .annotate import LLMSettings
+from .cli import MERGE_LABELS
+from .common import RayConfig, init_ray
+from knowfree_core import commandline
 from knowfree_core.errors import ConfigError
 from knowfree_core.formats import read_dataset, write_dataset
 from knowfree_core.merging import DEFAULT_TEMPLATE, entity_label_samples, merge_labels
@@ -175,10 +176,9 @@ def run_merge(config: MergeJobConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = config_arguments("Synonym extension-label merging with sentence embeddings and FAISS").parse_args(argv)
-    run_merge(load_structured(MergeJobConfig, args.config, args.set))
-    return 0
+    """``python -m jobs.merge_labels`` (its options: jobs/cli.py); a user error is raised."""
+    return MERGE_LABELS.run(argv)
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_main(main))
+    raise SystemExit(commandline.main(MERGE_LABELS))

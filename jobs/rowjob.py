@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from jobs.common import RayConfig, init_ray
+from .common import RayConfig, init_ray
 from knowfree_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
