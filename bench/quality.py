@@ -31,32 +31,31 @@ from typing import Any, Dict, Iterable, List, Optional
 import yaml
 from omegaconf import MISSING
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # bench/ is not a package: find jobs/ and knowfree_core/ from here
-sys.path.insert(0, str(ROOT / "bench"))  # and the results-file module beside this one
-
-from jobs.common import RayConfig, init_ray, run_main  # noqa: E402
-from jobs.pipeline import (  # noqa: E402
+from knowfree_core.commandline import run_main
+from knowfree_jobs.common import RayConfig, init_ray
+from knowfree_jobs.pipeline import (
     Cell,
     GridConfig,
     PipelineConfig,
     SynthesisStage,
     TrainResources,
     VariantSpec,
-    _cells,
+    grid_cells as _cells,
     check_variants,
 )
-from knowfree_core.config import load_config, load_structured  # noqa: E402
-from knowfree_core.errors import ConfigError  # noqa: E402
-from knowfree_core.safe_paths import child_path  # noqa: E402
-from quality_paired import default_pairs, paired_caption, paired_comparisons, paired_table  # noqa: E402
-from quality_records import (  # noqa: E402
+from knowfree_core.config import load_config, load_structured
+from knowfree_core.errors import ConfigError
+from knowfree_core.safe_paths import child_path
+from quality_paired import default_pairs, paired_caption, paired_comparisons, paired_table
+from quality_records import (
     append_result,
     machine_description,
     make_record,
     read_results,
     result_key,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 logger = logging.getLogger("bench.quality")
 
