@@ -13,17 +13,15 @@ import json
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from knowfree_jobs.annotate import load_job_config, run_annotation
+from knowfree_core.annotation import AnnotatorSpec, BatchAnnotator, prepare_input
 
-from jobs.annotate import load_job_config, run_annotation  # noqa: E402
-from knowfree_core.annotation import AnnotatorSpec, BatchAnnotator, prepare_input  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def msra_train_path() -> Path:

@@ -9,15 +9,12 @@ counts per source, and rejection counts per reason.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from knowfree_core.annotators.base import STEPS, get_annotator  # noqa: E402
-from knowfree_core.formats import read_dataset  # noqa: E402
+from knowfree_core.annotators.base import STEPS, get_annotator
+from knowfree_core.formats import read_dataset
 
 
 def main() -> None:

@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from knowfree_core.annotators import apply_annotations, get_annotator
+from knowfree_core.encoders.e5_offline import ensure_offline_e5
+from knowfree_core.encoders.prune import prune_encoder
+from knowfree_core.formats import read_dataset, write_dataset
+from knowfree_core.sampling import many_shot_subsets
 
-from knowfree_core.annotators import apply_annotations, get_annotator  # noqa: E402
-from knowfree_core.encoders.e5_offline import ensure_offline_e5  # noqa: E402
-from knowfree_core.encoders.prune import prune_encoder  # noqa: E402
-from knowfree_core.formats import read_dataset, write_dataset  # noqa: E402
-from knowfree_core.sampling import many_shot_subsets  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 WEIBO = ROOT.parent / "shared" / "data" / "weibo"
 

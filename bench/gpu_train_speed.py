@@ -39,19 +39,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+
+from knowfree_core.commandline import add_set_option
+from knowfree_core.config import KnowFreeConfig, load_config, validate_config
+from knowfree_core.encoders.unit_encoder import build_random_encoder
+from knowfree_core.formats import read_dataset
+from knowfree_core.labels import LabelVocab
+from knowfree_core.records import Sentence
+from knowfree_core.run import build_model
+from knowfree_core.sampling import many_shot_subsets
+from knowfree_core.training import fit, resolve_device
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from knowfree_core.config import KnowFreeConfig, load_config, validate_config  # noqa: E402
-from knowfree_core.encoders.unit_encoder import build_random_encoder  # noqa: E402
-from knowfree_core.formats import read_dataset  # noqa: E402
-from knowfree_core.labels import LabelVocab  # noqa: E402
-from knowfree_core.records import Sentence  # noqa: E402
-from knowfree_core.run import build_model  # noqa: E402
-from knowfree_core.sampling import many_shot_subsets  # noqa: E402
-from knowfree_core.training import fit, resolve_device  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "weibo" / "train.conll"
 DEFAULT_CONFIG = ROOT / "configs" / "weibo-250.yaml"
@@ -173,7 +173,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="keep only the first N sentences of the subset (quick checks)")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                         help="run config for the encoder/model/train sections (default configs/weibo-250.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_set_option(parser)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:N or cpu")
     parser.add_argument("--precision", nargs="+", default=None, choices=["fp32", "bf16", "fp16"],
                         help="train.precision values, one row each (default: fp32 bf16 on a GPU, fp32 on CPU)")
@@ -209,7 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.limit:
         train = train[: args.limit]
     unit_mode = "word" if train[0].joiner == " " else "char"
-    base = load_config(args.config, [f"data.train={args.data}", *args.set])
+    base = load_config(args.config, [f"data.train={args.data}", *args.overrides])
     # The label vocabulary as knowfree_core.run.prepare_data builds it: extension labels only when
     # the data carries them (e.g. --data .gpu_bundle/data/weibo-train-1000.jsonl, LAC labels).
     if not base.model.use_extension_labels:
@@ -252,7 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"{rows[0]['parameters'] / 1e6:.1f} M parameters, {rows[0]['trainable'] / 1e6:.1f} M trained. "
         f"Head: ffn {model_cfg.ffn_size}, grid {model_cfg.grid_size}, ω={model_cfg.window}, K={model_cfg.attn_heads}, "
         f"max_span_length={model_cfg.max_span_length}. Config {args.config.name}"
-        + (f" with {' '.join(args.set)}" if args.set else "")
+        + (f" with {' '.join(args.overrides)}" if args.overrides else "")
         + f". One epoch of knowfree_core.training.fit (distributed=None: the per-worker loop of jobs.train, "
         f"without DDP and dev evaluation) after {args.warmup_batches} warm-up batch(es) of the longest sentences; "
         "s/epoch is the epoch loop, peak GPU memory torch.cuda.max_memory_allocated/reserved over it."

@@ -45,7 +45,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 TOLERANCE = 1e-5
 
@@ -65,7 +64,6 @@ def _maxrss_bytes() -> int:
 
 def run_child(args: argparse.Namespace) -> None:
     """One measurement (``--child banded|reference|sdpa``); prints a JSON line."""
-    sys.path.insert(0, str(REPO_ROOT))
     import torch
     from torch import nn
 
@@ -310,7 +308,6 @@ def _effective_options(args: argparse.Namespace) -> tuple[str, str]:
     """The banded module's save_projections / chunk_elements as run, defaults spelled out."""
     import inspect
 
-    sys.path.insert(0, str(REPO_ROOT))
     from knowfree_core.model import local_attention as la
 
     if args.save_projections is None:

@@ -42,26 +42,24 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional, Sequence
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-# bench/ is not a package: find knowfree_core/ (ROOT) and the sibling gpu_train_speed.py (BENCH).
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(BENCH))
+import torch
 
-import torch  # noqa: E402
-
-from gpu_train_speed import DEFAULT_CONFIG, DEFAULT_DATA, MIB, build_bert_shaped_encoder, machine_line  # noqa: E402
-from knowfree_core.config import KnowFreeConfig, load_config, validate_config  # noqa: E402
-from knowfree_core.labels import LabelVocab  # noqa: E402
-from knowfree_core.records import Sentence  # noqa: E402
-from knowfree_core.run import build_model, load_split, select_training_sentences  # noqa: E402
-from knowfree_core.training import (  # noqa: E402
+from gpu_train_speed import DEFAULT_CONFIG, DEFAULT_DATA, MIB, build_bert_shaped_encoder, machine_line
+from knowfree_core.commandline import add_set_option
+from knowfree_core.config import KnowFreeConfig, load_config, validate_config
+from knowfree_core.labels import LabelVocab
+from knowfree_core.records import Sentence
+from knowfree_core.run import build_model, load_split, select_training_sentences
+from knowfree_core.training import (
     AMP_DTYPES,
     OptimizationStep,
     length_bucketed_batches,
     peak_rss_mib,
     resolve_device,
 )
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
 
 DEFAULT_TEST = DEFAULT_DATA.with_name("test.conll")
 RANDOM_BERT_BASE = "random-bert-base"
@@ -279,7 +277,7 @@ def setup_line(args: argparse.Namespace, config: KnowFreeConfig, encoder_text: s
            if trained else "")
         + f". Head: ffn {model.ffn_size}, grid {model.grid_size}, ω={model.window}, K={model.attn_heads}, "
         f"max_span_length={model.max_span_length}. Config {args.config.name}"
-        + (f" with {' '.join(args.set)}" if args.set else "")
+        + (f" with {' '.join(args.overrides)}" if args.overrides else "")
         + f". Train: {args.train_batches} timed steps (forward + backward + clip + AdamW + scheduler, fit's batch "
         f"order) after {args.warmup_batches} warm-up step(s); predict: KnowFreeModel.predict over the test "
         f"sentences (eval, no grad, decoding included) after one warm-up batch, untrained model. "
@@ -304,7 +302,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                           "(default: the config's encoder.name)")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                         help="run config for the encoder/model/train sections (default configs/weibo-250.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_set_option(parser)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="training file (default Weibo train)")
     parser.add_argument("--test", type=Path, default=DEFAULT_TEST, help="prediction file (default Weibo test)")
     parser.add_argument("--size", type=int, help="seeded training subset size (default: the config's "
@@ -330,7 +328,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def resolve_base_config(args: argparse.Namespace) -> KnowFreeConfig:
     """The config with ``--set``, the data files, ``--size`` and a resolved unit mode."""
-    overrides = [f"data.train={args.data}", f"data.test={args.test}", *args.set]
+    overrides = [f"data.train={args.data}", f"data.test={args.test}", *args.overrides]
     if args.size is not None:
         overrides.append(f"data.subset_size={args.size}")
     return load_config(args.config, overrides)

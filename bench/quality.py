@@ -29,28 +29,24 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
 import yaml
-from omegaconf import MISSING
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # bench/ is not a package: find jobs/ and knowfree_core/ from here
-sys.path.insert(0, str(ROOT / "bench"))  # and the results-file module beside this one
-
-from jobs.common import RayConfig, init_ray, run_main  # noqa: E402
-from jobs.pipeline import (  # noqa: E402
+from knowfree_core.commandline import run_main
+from knowfree_jobs.common import RayConfig, init_ray
+from knowfree_jobs.pipeline import (
     Cell,
+    CellSettings,
     GridConfig,
     PipelineConfig,
-    SynthesisStage,
-    TrainResources,
     VariantSpec,
-    _cells,
     check_variants,
+    grid_cells,
+    schema_fields,
 )
-from knowfree_core.config import load_config, load_structured  # noqa: E402
-from knowfree_core.errors import ConfigError  # noqa: E402
-from knowfree_core.safe_paths import child_path  # noqa: E402
-from quality_paired import default_pairs, paired_caption, paired_comparisons, paired_table  # noqa: E402
-from quality_records import (  # noqa: E402
+from knowfree_core.config import load_config, load_structured
+from knowfree_core.errors import ConfigError
+from knowfree_core.safe_paths import child_path
+from quality_paired import default_pairs, paired_caption, paired_comparisons, paired_table
+from quality_records import (
     append_result,
     machine_description,
     make_record,
@@ -58,11 +54,11 @@ from quality_records import (  # noqa: E402
     result_key,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
+
 logger = logging.getLogger("bench.quality")
 
 # -- configuration ---------------------------------------------------------------------------
-
-from jobs.pipeline import CellSettings, schema_fields  # noqa: E402  (the schema a dataset extends)
 
 
 @dataclass
@@ -172,7 +168,7 @@ def plan_cells(config: QualityConfig, selection: Selection) -> list[PlannedCell]
         for grid in dataset_grids(dataset, entry, custom):
             runs = child_path(config.runs_dir, dataset, f"datasets.{dataset}")  # a dataset name is a folder
             pipeline = pipeline_config(entry, grid, runs, config.ray, custom)
-            for name, overrides in _cells(pipeline):
+            for name, overrides in grid_cells(pipeline):
                 setting, seed = split_cell_name(name)
                 variants = [v for v in grid.variants if selected(selection, variant=v)]
                 if variants and selected(selection, setting=setting, seed=seed):

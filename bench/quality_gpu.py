@@ -39,12 +39,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
+from knowfree_core.commandline import add_set_option
+from quality_records import append_result, machine_description, make_record, read_results, result_key
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path.insert(0, str(ROOT))  # bench/ is not a package: find knowfree_core/ and jobs/ from here
-sys.path.insert(0, str(BENCH))
-
-from quality_records import append_result, machine_description, make_record, read_results, result_key  # noqa: E402
 
 logger = logging.getLogger("bench.quality_gpu")
 
@@ -149,8 +148,8 @@ def keep_first_layers(folder: Path, depth: int) -> None:
 
 def export(config_path: str, out: Path, only: Optional[str], results_path: Optional[str]) -> Path:
     import quality
-    from jobs.common import init_ray
-    from jobs.pipeline import Cell
+    from knowfree_jobs.common import init_ray
+    from knowfree_jobs.pipeline import Cell
     from knowfree_core.config import load_config, load_structured
     from knowfree_core.encoders.e5_offline import resolve_model_path
     from knowfree_core.encoders.prune import prune_encoder
@@ -272,8 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, default=8, help="runs at once on the GPU")
     p.add_argument("--deadline", type=float, default=540.0, help="seconds; runs still going are stopped")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override every run's config, e.g. train.precision=bf16")
+    add_set_option(p, help="override every run's config, e.g. train.precision=bf16 (repeatable)")
     p = steps.add_parser("import", help="here: add the GPU's records to the harness's results file")
     p.add_argument("--from", dest="source", type=Path, required=True)
     p.add_argument("--config", default="bench/quality.yaml")
@@ -284,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.step == "export":
         export(args.config, args.out, args.only, args.results)
     elif args.step == "train":
-        train(args.bundle, args.results, args.parallel, args.deadline, args.threads, args.set)
+        train(args.bundle, args.results, args.parallel, args.deadline, args.threads, args.overrides)
     else:
         results = args.results
         if results is None:

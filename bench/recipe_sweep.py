@@ -19,10 +19,9 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is not a package
+from subprocess_pool import Command, run_commands
 
-from subprocess_pool import Command, run_commands  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def base_overrides(bundle: Path, size: int) -> list[str]:

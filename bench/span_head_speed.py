@@ -16,16 +16,15 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import torch
+
+from knowfree_core.config import EncoderConfig, ModelConfig
+from knowfree_core.formats import read_dataset
+from knowfree_core.labels import LabelVocab
+from knowfree_core.model.knowfree import KnowFreeModel
+from knowfree_core.training import seed_everything
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from knowfree_core.config import EncoderConfig, ModelConfig  # noqa: E402
-from knowfree_core.formats import read_dataset  # noqa: E402
-from knowfree_core.labels import LabelVocab  # noqa: E402
-from knowfree_core.model.knowfree import KnowFreeModel  # noqa: E402
-from knowfree_core.training import seed_everything  # noqa: E402
 
 
 def step_seconds(model: KnowFreeModel, batch, repeats: int) -> float:

@@ -124,8 +124,7 @@ def rayjob() -> None:
 
 
 def pipeline_config() -> None:
-    sys.path.insert(0, str(ROOT))
-    from jobs.pipeline import PipelineConfig
+    from knowfree_jobs.pipeline import PipelineConfig  # jobs/, as the wheel installs it
     from knowfree_core.config import load_config, load_structured
 
     config = load_structured(PipelineConfig, HERE / "pipeline-weibo-250.yaml")

@@ -27,11 +27,13 @@ from typing import Any, Dict, List, Literal, Optional, Sequence
 
 from omegaconf import MISSING
 
-from jobs.common import RayConfig, config_arguments, run_main
-from jobs.rowjob import (
+from .cli import ANNOTATE
+from .common import RayConfig
+from .rowjob import (
     JobPaths, OutputFormat, PoolConfig, actor_restarts, check_or_start, count_rows, map_rows_with_actors,
     row_schema,
 )
+from knowfree_core import commandline
 from knowfree_core.annotation import AnnotatorSpec, BatchAnnotator, collect_output, prepare_input
 from knowfree_core.annotators.base import Annotator
 from knowfree_core.config import Step, load_structured, structured_to_dict
@@ -251,11 +253,9 @@ def load_job_config(path: str | None, overrides: list[str]) -> AnnotateJobConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = config_arguments("Label extension annotation (pipeline 1) with Ray Data")
-    args = parser.parse_args(argv)
-    run_annotation(load_job_config(args.config, args.set))
-    return 0
+    """``python -m jobs.annotate`` (its options: jobs/cli.py); a user error is raised."""
+    return ANNOTATE.run(argv)
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_main(main))
+    raise SystemExit(commandline.main(ANNOTATE))

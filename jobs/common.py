@@ -1,15 +1,17 @@
-"""What every job shares: connecting to Ray and a config file plus ``--set`` overrides."""
+"""What every job shares: connecting to Ray, quietly unless the output is verbose.
+
+(The jobs' command lines are in ``jobs/cli.py``.)
+"""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from knowfree_core.errors import KnowFreeError
+from knowfree_core.output import OutputSettings
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +41,15 @@ def init_ray(config: RayConfig, min_cpus: float = 0.0) -> None:
     fewer, Ray Data waits forever for a slot that busy actors never free. On a remote
     cluster a shortfall is only logged.
     """
-    import ray
+    try:
+        import ray
+    except ImportError as error:  # ray is an extra: knowfree train and friends run without it
+        raise KnowFreeError(f"this job needs Ray: pip install 'knowfree[ray]' ({error})") from error
 
+    output = OutputSettings.from_environment()
     if not ray.is_initialized():
-        _start_or_connect(config, min_cpus)
+        _start_or_connect(config, min_cpus, output)
+    _quiet_ray_data(output)
     available = ray.cluster_resources().get("CPU", 0.0)
     if available < min_cpus:
         logger.warning(
@@ -53,7 +60,7 @@ def init_ray(config: RayConfig, min_cpus: float = 0.0) -> None:
         )
 
 
-def _start_or_connect(config: RayConfig, min_cpus: float) -> None:
+def _start_or_connect(config: RayConfig, min_cpus: float, output: OutputSettings) -> None:
     import math
 
     import ray
@@ -69,21 +76,19 @@ def _start_or_connect(config: RayConfig, min_cpus: float) -> None:
         if config.object_store_mb is not None:
             kwargs["object_store_memory"] = config.object_store_mb * 1024 * 1024
     # The workers import knowfree_core; on a cluster the runtime_env (cluster/) ships it.
-    ray.init(address=address, **kwargs)
+    # Ray's own INFO lines ("Started a local Ray instance") only when verbose; warnings stay.
+    ray.init(address=address, logging_level=logging.INFO if output.verbose else logging.WARNING, **kwargs)
 
 
-def config_arguments(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    return parser
+def _quiet_ray_data(output: OutputSettings) -> None:
+    """Ray Data's progress (bars in a terminal, a block of status lines every few seconds in a
+    log) and its INFO lines only when verbose; its warnings stay. The executor runs in this
+    process (the driver): its settings here are the ones that count."""
+    if output.verbose:
+        return
+    from ray.data import DataContext
 
-
-def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run a job's main; a user error (bad config, bad file) prints one line, exit 2."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return main(argv)
-    except KnowFreeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Turning the bars off logs a warning that says how to turn them on again: --verbose does.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)

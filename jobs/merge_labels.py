@@ -22,9 +22,11 @@ from typing import Dict, List, Literal, Optional
 import numpy as np
 from omegaconf import MISSING
 
-from jobs.actor_pool import ActorPool, map_with_actor_pool
-from jobs.annotate import LLMSettings
-from jobs.common import RayConfig, config_arguments, init_ray, run_main
+from .actor_pool import ActorPool, map_with_actor_pool
+from .annotate import LLMSettings
+from .cli import MERGE_LABELS
+from .common import RayConfig, init_ray
+from knowfree_core import commandline
 from knowfree_core.config import load_structured
 from knowfree_core.errors import ConfigError
 from knowfree_core.formats import read_dataset, write_dataset
@@ -167,10 +169,9 @@ def run_merge(config: MergeJobConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = config_arguments("Synonym extension-label merging with sentence embeddings and FAISS").parse_args(argv)
-    run_merge(load_structured(MergeJobConfig, args.config, args.set))
-    return 0
+    """``python -m jobs.merge_labels`` (its options: jobs/cli.py); a user error is raised."""
+    return MERGE_LABELS.run(argv)
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_main(main))
+    raise SystemExit(commandline.main(MERGE_LABELS))

@@ -41,7 +41,6 @@ the paper's Table 2.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -52,11 +51,13 @@ from typing import Any, Callable, Dict, List, Optional, TypeVar
 
 from omegaconf import MISSING
 
-from jobs.annotate import AnnotateJobConfig, AnnotateSettings, run_annotation
-from jobs.common import RayConfig, init_ray, run_main
-from jobs.merge_labels import MergeJobConfig, MergeSettings, run_merge
-from jobs.rowjob import PoolConfig
-from jobs.synthesize import LabelStage, SynthesizeJobConfig, run_synthesis, sampling_defaults
+from .annotate import AnnotateJobConfig, AnnotateSettings, run_annotation
+from .cli import PIPELINE
+from .common import RayConfig, init_ray
+from .merge_labels import MergeJobConfig, MergeSettings, run_merge
+from .rowjob import PoolConfig
+from .synthesize import LabelStage, SynthesizeJobConfig, run_synthesis, sampling_defaults
+from knowfree_core import commandline
 from knowfree_core.config import KnowFreeConfig, Step, load_config, load_structured, with_changes, with_overrides
 from knowfree_core.errors import ConfigError
 from knowfree_core.formats import read_dataset, write_dataset
@@ -427,7 +428,7 @@ def check_variants(variants: List[str], custom: Dict[str, VariantSpec]) -> None:
         raise ConfigError(f"variant must be one of {', '.join(known)}, got {', '.join(map(repr, unknown))}")
 
 
-def _cells(config: PipelineConfig) -> list[tuple[str, list[str]]]:
+def grid_cells(config: PipelineConfig) -> list[tuple[str, list[str]]]:
     """(cell name, train-config overrides) per grid cell; one unnamed cell without a grid."""
     grid = config.grid
     if grid.k_shot and grid.subset_sizes:
@@ -488,7 +489,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     check_variants(variants, config.custom_variants)
     out = Path(config.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cells = _cells(config)
+    cells = grid_cells(config)
     init_ray(config.ray, min_cpus=config.train_resources.num_cpus)
     results: dict[str, dict] = {}
     for name, overrides in cells:
@@ -515,15 +516,9 @@ def run_pipeline(config: PipelineConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="annotate → merge → train (F); + synthesize → retrain (FS)")
-    parser.add_argument("--config", required=True, help="pipeline YAML config")
-    parser.add_argument("--variant", help=f"overrides the config's variant ({', '.join(VARIANTS)} or a custom one)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    overrides = list(args.set) + ([f"variant={args.variant}"] if args.variant else [])
-    run_pipeline(load_structured(PipelineConfig, args.config, overrides))
-    return 0
+    """``python -m jobs.pipeline`` (its options: jobs/cli.py); a user error is raised."""
+    return PIPELINE.run(argv)
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_main(main))
+    raise SystemExit(commandline.main(PIPELINE))

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence
 
-from jobs.actor_pool import ActorPool, map_with_actor_pool
-from jobs.common import RayConfig, init_ray
+from .actor_pool import ActorPool, map_with_actor_pool
+from .common import RayConfig, init_ray
 from knowfree_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)

@@ -25,11 +25,13 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-from jobs.common import RayConfig, config_arguments, run_main
-from jobs.rowjob import (
+from .cli import SYNTHESIZE
+from .common import RayConfig
+from .rowjob import (
     JobPaths, OutputFormat, PoolConfig, actor_restarts, check_or_start, count_rows, map_rows_with_actors,
     row_schema,
 )
+from knowfree_core import commandline
 from knowfree_core.annotation import collect_output, prepare_input
 from knowfree_core.config import load_structured, structured_to_dict
 from knowfree_core.errors import ConfigError
@@ -109,7 +111,7 @@ def synthesis_schema():
 
 
 def label_schema():
-    from jobs.annotate import output_schema
+    from .annotate import output_schema
 
     return output_schema()
 
@@ -203,10 +205,9 @@ def load_job_config(path: str | None, overrides: list[str]) -> SynthesizeJobConf
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = config_arguments("Enriched explanation synthesis (pipeline 2) with Ray Data").parse_args(argv)
-    run_synthesis(load_job_config(args.config, args.set))
-    return 0
+    """``python -m jobs.synthesize`` (its options: jobs/cli.py); a user error is raised."""
+    return SYNTHESIZE.run(argv)
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_main(main))
+    raise SystemExit(commandline.main(SYNTHESIZE))

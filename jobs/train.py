@@ -40,7 +40,6 @@ when rank 0 runs on another node than the driver.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -51,13 +50,15 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from jobs.common import RayConfig, config_arguments, init_ray, run_main
-from knowfree_core.config import KnowFreeConfig, load_config
+from .cli import TRAIN
+from .common import RayConfig, init_ray
+from knowfree_core import commandline
+from knowfree_core.config import KnowFreeConfig
 from knowfree_core.distributed import DistributedContext
 from knowfree_core.errors import KnowFreeError
 from knowfree_core.loop_state import EpochReport, LoopState
 from knowfree_core.run import (
-    PreparedData, RunSummary, attach_file_log, build_model, export_model, prepare_data, print_run_summary,
+    PreparedData, RunSummary, attach_file_log, build_model, export_model, prepare_data,
 )
 from knowfree_core.safe_paths import plain_name
 from knowfree_core.training import fit
@@ -155,7 +156,7 @@ def _run(config: KnowFreeConfig, run_dir: Path, ray_config: RayConfig, callbacks
         logger.info("Ray Train run %s/%s has checkpoints: it continues from the latest", storage_path, name)
     init_ray(ray_config, min_cpus=settings.num_workers * worker_resources(config).get("CPU", 0.0))
 
-    from jobs.fault_injection import fail_after_epoch  # tests only; never set in a config
+    from .fault_injection import fail_after_epoch  # tests only; never set in a config
 
     result = make_trainer(config, data, callbacks, fail_after_epoch=fail_after_epoch()).fit()
     if getattr(result, "error", None) is not None:
@@ -288,39 +289,10 @@ def _fail_once_if_asked(fail_after_epoch: Optional[int], run_dir: str, rank: int
 
 
 # ---------------------------------------------------------------------------- command line
-def build_parser() -> argparse.ArgumentParser:
-    parser = config_arguments("Train KnowFREE with Ray Train (DDP over workers)")
-    parser.add_argument("--workers", type=int, help="ray_train.num_workers")
-    parser.add_argument("--gpu", action="store_true", help="ray_train.use_gpu=true (NCCL, one GPU per worker)")
-    parser.add_argument("--cpus-per-worker", type=float, help="ray_train.resources_per_worker.CPU")
-    parser.add_argument("--storage-path", help="ray_train.storage_path: a folder or a bucket URI")
-    parser.add_argument("--max-failures", type=int, help="ray_train.max_failures")
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
-    return parser
-
-
-def flag_overrides(args: argparse.Namespace) -> list[str]:
-    overrides = []
-    if args.workers is not None:
-        overrides.append(f"ray_train.num_workers={args.workers}")
-    if args.gpu:
-        overrides.append("ray_train.use_gpu=true")
-    if args.cpus_per_worker is not None:
-        overrides.append(f"ray_train.resources_per_worker.CPU={args.cpus_per_worker}")
-    if args.storage_path:
-        overrides.append(f"ray_train.storage_path={args.storage_path}")
-    if args.max_failures is not None:
-        overrides.append(f"ray_train.max_failures={args.max_failures}")
-    return overrides
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    config = load_config(args.config, list(args.set) + flag_overrides(args))
-    summary = run_ray_training(config, RayConfig(address=args.address))
-    print_run_summary(summary)
-    return 0
+    """``python -m jobs.train`` (its options: jobs/cli.py); a user error is raised."""
+    return TRAIN.run(argv)
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(commandline.main(TRAIN))

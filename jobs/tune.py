@@ -68,7 +68,6 @@ evaluated again).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -81,7 +80,9 @@ from typing import Any, Dict, List, Literal, Mapping, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from jobs.common import RayConfig, config_arguments, init_ray, run_main
+from .cli import TUNE
+from .common import RayConfig, init_ray
+from knowfree_core import commandline
 from knowfree_core.config import (
     KnowFreeConfig,
     load_config,
@@ -335,7 +336,7 @@ def function_trial(params: dict, setup: TrialSetup) -> None:
     from knowfree_core.distributed import DistributedContext
     from knowfree_core.training import fit
 
-    from jobs.train import epoch_metrics
+    from .train import epoch_metrics
 
     config = trial_config(setup, params, tune.get_context().get_trial_id())
     if config.train.num_threads is None:
@@ -377,7 +378,7 @@ def ray_train_trial(params: dict, setup: TrialSetup) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from jobs.train import make_trainer
+    from .train import make_trainer
 
     class EpochTuneReportCallback(TuneReportCallback):
         """The Train run's last report (the exported model) carries no epoch metrics: repeat
@@ -473,7 +474,7 @@ def _cpus_at_once(job: TuneJobConfig, base: KnowFreeConfig) -> float:
     """CPU slots one trial needs (a local cluster gets at least that many)."""
     if job.trial_runner == "function":
         return job.resources_per_trial.cpu
-    from jobs.train import worker_resources
+    from .train import worker_resources
 
     return job.driver_cpu + base.ray_train.num_workers * worker_resources(base).get("CPU", 0.0)
 
@@ -483,7 +484,7 @@ def run_tune(job: TuneJobConfig) -> TuneSummary:
     trial's evaluation."""
     from ray import tune
 
-    from jobs.fault_injection import fail_after_epoch  # tests only; never set in a config
+    from .fault_injection import fail_after_epoch  # tests only; never set in a config
 
     out = Path(job.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -703,26 +704,12 @@ def print_summary(summary: TuneSummary) -> None:
 
 
 # ---------------------------------------------------------------------------- command line
-def build_parser() -> argparse.ArgumentParser:
-    parser = config_arguments("Search KnowFREE hyper-parameters with Ray Tune (objective: dev F1)")
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if not args.config:
-        raise ConfigError("--config is required")
-    job = load_tune_config(args.config, list(args.set))
-    if args.address:
-        job.ray.address = args.address
-    summary = run_tune(job)
-    print_summary(summary)
-    return 1 if summary.errors else 0
+    """``python -m jobs.tune`` (its options: jobs/cli.py); a user error is raised."""
+    return TUNE.run(argv)
 
 
 if __name__ == "__main__":
-    # Through the module, so that Ray pickles the trainables by reference (jobs.tune.*).
-    from jobs.tune import main as _main
-
-    raise SystemExit(run_main(_main))
+    # TUNE's handler imports jobs.tune: Ray pickles the trainables by reference to that module,
+    # not to __main__.
+    raise SystemExit(commandline.main(TUNE))

@@ -1,7 +1,9 @@
-"""The ``knowfree`` command line: train, evaluate, predict, sample, annotate, encoder, report.
+"""The library's commands: train, evaluate, predict, sample, annotate, encoder, report.
 
-Every sub-command is a thin layer over the library; errors the user can fix (a wrong file,
-label or config key) are printed as one clear line with exit status 2, not as a traceback.
+``python -m knowfree_core.cli`` runs them without Ray; the ``knowfree`` console script
+(``jobs/cli.py``) adds the Ray jobs (``knowfree pipeline``). Every command is a thin layer over
+the library, declared as a :class:`~knowfree_core.commandline.Command`; errors the user can fix
+(a wrong file, label or config key) are one clear line with exit status 2, not a traceback.
 """
 
 from __future__ import annotations
@@ -12,22 +14,16 @@ import logging
 import sys
 from typing import Sequence
 
+from . import commandline
+from .commandline import Command, ConfigOptions
 from .errors import KnowFreeError
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model from a config file; writes a run folder")
-    p.add_argument("--config", "-c", help="YAML config file (see configs/)")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.epochs=5 (repeatable)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(handler=cmd_train)
+def _quiet_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="score a saved model on a labelled file")
+def _evaluate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", required=True, help="model directory (run_dir/model)")
     p.add_argument("--data", "-d", required=True, help="labelled file (jsonl, conll, conllu)")
     p.add_argument("--format", help="force the reader format")
@@ -35,12 +31,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="reader option, e.g. task=pos for CoNLL-U")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(handler=cmd_evaluate)
+    _quiet_option(p)
 
 
-def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="label raw sentences (one per line) and write JSONL spans")
+def _predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", required=True)
     p.add_argument("--input", "-i", default="-", help="text file, one sentence per line (default stdin)")
     p.add_argument("--output", "-o", default="-", help="JSONL output (default stdout)")
@@ -48,51 +42,30 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="split lines on whitespace (English-style units) instead of characters")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threshold", type=float, help="override the model's decision threshold")
-    p.set_defaults(handler=cmd_predict)
 
 
-def _add_sample(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sample", help="write seeded many-shot or k-shot training subsets")
+def _sample_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", "-d", required=True)
     p.add_argument("--format")
     p.add_argument("--out", "-o", required=True, help="output folder")
     p.add_argument("--sizes", type=int, nargs="*", default=[250, 500, 1000])
     p.add_argument("--k-shot", type=int, nargs="*", help="greedy n-way k-shot sizes instead, e.g. 5 10")
     p.add_argument("--seed", type=int, default=42)
-    p.set_defaults(handler=cmd_sample)
 
 
-def _add_annotate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("annotate", help="add offline extension labels (lac, jieba) to a dataset")
+def _annotate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", "-d", required=True)
     p.add_argument("--format")
     p.add_argument("--out", "-o", required=True, help="JSONL output")
     p.add_argument("--annotator", "-a", action="append", required=True, help="lac or jieba (repeatable)")
     p.add_argument("--steps", nargs="*", default=["ent", "seg", "pos"])
-    p.set_defaults(handler=cmd_annotate)
 
 
-def _add_pipeline(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "pipeline",
-        help="the main job on Ray: annotate → merge → train (F), + synthesize → retrain (FS); see jobs.pipeline",
-    )
-    p.add_argument("--config", "-c", required=True, help="pipeline YAML config (e.g. configs/demo-pipeline.yaml)")
-    p.add_argument("--variant", help="overrides the config's variant: F, FS, noext, biaffine, or an ablation "
-                                     "(F-noent, F-nopos, F-nomerge, F-cnn)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a pipeline config key, e.g. --set grid.seeds=[1,2,3] (repeatable)")
-    p.set_defaults(handler=cmd_pipeline)
-
-
-def _add_encoder(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("encoder", help="convert the bundled offline e5 encoder once and print its path")
+def _encoder_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="where to keep it (default $KNOWFREE_CACHE or ~/.cache/knowfree)")
-    p.set_defaults(handler=cmd_encoder)
 
 
-def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="write RUN/report/report.md + report.html with plots (metrics, Figures 5 and 8)")
+def _report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", "-r", required=True, help="run folder written by knowfree train")
     p.add_argument("--data", "-d", help="labelled test file (default: the run config's data.test)")
     p.add_argument("--no-embeddings", action="store_true",
@@ -100,17 +73,6 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embedder", default="offline-e5", help="sentence-transformers name or path (default offline-e5)")
     p.add_argument("--compare", nargs="+", default=[], metavar="RUN_DIR",
                    help="other run folders for the F1-against-training-size plot (e.g. a pipeline grid)")
-    p.set_defaults(handler=cmd_report)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="knowfree", description=__doc__.splitlines()[0])
-    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_evaluate, _add_predict, _add_sample, _add_annotate, _add_pipeline, _add_encoder,
-                _add_report):
-        add(sub)
-    return parser
 
 
 def _parse_key_values(pairs: Sequence[str]) -> dict:
@@ -207,19 +169,6 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pipeline(args: argparse.Namespace) -> int:
-    # The library does not import ray; the jobs package does, and only this command needs it.
-    try:
-        from jobs.pipeline import PipelineConfig, run_pipeline
-    except ImportError as error:
-        raise KnowFreeError(f"knowfree pipeline needs Ray: pip install 'knowfree[all]' ({error})") from error
-    from .config import load_structured
-
-    overrides = list(args.overrides) + ([f"variant={args.variant}"] if args.variant else [])
-    run_pipeline(load_structured(PipelineConfig, args.config, overrides))
-    return 0
-
-
 def cmd_encoder(args: argparse.Namespace) -> int:
     from .encoders.e5_offline import ensure_offline_e5
 
@@ -236,17 +185,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS: tuple[Command, ...] = (
+    Command("train", "train a model from a config file; writes a run folder", cmd_train, _quiet_option,
+            config=ConfigOptions()),
+    Command("evaluate", "score a saved model on a labelled file", cmd_evaluate, _evaluate_options),
+    Command("predict", "label raw sentences (one per line) and write JSONL spans", cmd_predict, _predict_options),
+    Command("sample", "write seeded many-shot or k-shot training subsets", cmd_sample, _sample_options),
+    Command("annotate", "add offline extension labels (lac, jieba) to a dataset", cmd_annotate, _annotate_options),
+    Command("encoder", "convert the bundled offline e5 encoder once and print its path", cmd_encoder,
+            _encoder_options),
+    Command("report", "write RUN/report/report.md + report.html with plots (metrics, Figures 5 and 8)", cmd_report,
+            _report_options),
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        return int(args.handler(args) or 0)
-    except (KnowFreeError, FileNotFoundError) as error:
-        print(f"knowfree {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    """The library's commands (no Ray); the ``knowfree`` console script is ``jobs.cli.main``."""
+    return commandline.main(COMMANDS, argv, prog="knowfree", description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,9 +2,9 @@
 
 Each step of the paper's workflow has one template per language: ``ent`` (P_ent, Figure 9),
 ``seg`` (P_seg), ``pos`` (P_pos, Figure 10), ``merge`` (P_merge), ``exp`` (P_exp, Figure 11)
-and ``ext`` (P_ext, Figure 12). The templates ship in the ``prompts`` package as
-``prompts/<language>/<step>.yaml``; a user folder with the same layout is searched first, so
-wording can be changed or a language added without touching code.
+and ``ext`` (P_ext, Figure 12). The templates ship as ``prompts/<language>/<step>.yaml`` (the
+folder is installed as the package ``knowfree_prompts``); a user folder with the same layout is
+searched first, so wording can be changed or a language added without touching code.
 
 A template file holds::
 
@@ -24,7 +24,7 @@ and ``entity_list`` (``[("院长", "头衔职称")]`` -> ``['院长(头衔职称
 
 from __future__ import annotations
 
-import importlib
+import importlib.resources
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,24 +148,28 @@ class PromptInfo:
 
 
 def bundled_prompts_dir() -> Path:
-    """The folder of the templates shipped with the library."""
+    """The folder of the templates shipped with the library: ``prompts/`` next to this package
+    in a source tree (a checkout, or Ray's unpacked working dir, whose copy must win over the
+    one installed on the nodes), else the installed package ``knowfree_prompts``."""
+    source_tree = Path(__file__).resolve().parents[1]
+    # pyproject.toml marks a source tree: an installed knowfree_core sits in site-packages,
+    # where a folder named "prompts" would belong to another distribution.
+    if (source_tree / "pyproject.toml").is_file() and _holds_templates(source_tree / "prompts"):
+        return source_tree / "prompts"
     try:
-        package = importlib.import_module("prompts")
-        # A different top-level "prompts" package could be installed; only trust ours.
-        candidate = Path(package.__file__).resolve().parent if package.__file__ else None
-        if candidate is not None and (candidate / "zh" / "ent.yaml").is_file():
-            return candidate
-    except ImportError:
-        pass
-    # An editable install made before prompts/ existed does not map the package; the source
-    # tree still has it next to knowfree_core/.
-    source_tree = Path(__file__).resolve().parents[1] / "prompts"
-    if (source_tree / "zh" / "ent.yaml").is_file():
-        return source_tree
+        installed = Path(str(importlib.resources.files("knowfree_prompts")))
+    except ModuleNotFoundError:
+        installed = None
+    if installed is not None and _holds_templates(installed):
+        return installed
     raise ConfigError(
-        "the bundled prompt templates (the 'prompts' package) are not installed; "
+        "the bundled prompt templates (the package knowfree_prompts) are not installed; "
         "reinstall knowfree or pass prompts_dir"
     )
+
+
+def _holds_templates(folder: Path) -> bool:
+    return (folder / "zh" / "ent.yaml").is_file()
 
 
 def _search_dirs(prompts_dir: str | Path | None) -> list[Path]:

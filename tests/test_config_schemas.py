@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 import jobs.pipeline as pipeline
-from jobs.common import run_main
+from jobs.cli import PIPELINE
+from knowfree_core import commandline
 from jobs.merge_labels import MergeJobConfig
 from knowfree_core.config import KnowFreeConfig, load_config, load_structured, save_config
 from knowfree_core.errors import ConfigError
@@ -34,7 +35,7 @@ def _run_pipeline_main(monkeypatch, capsys, argv):
     """jobs.pipeline's main as the command line runs it: (exit status, stderr lines, Ray started)."""
     started = []
     monkeypatch.setattr(pipeline, "init_ray", lambda *args, **kwargs: started.append(True))
-    status = run_main(pipeline.main, argv)
+    status = commandline.main(PIPELINE, argv, prog="python -m jobs.pipeline")
     return status, capsys.readouterr().err.strip().splitlines(), bool(started)
 
 

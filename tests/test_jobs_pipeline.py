@@ -140,12 +140,12 @@ def test_summary_table_gives_mean_and_std_over_seeds():
 
 
 def test_grid_cells_and_bad_variants_are_checked(tmp_path):
-    from jobs.pipeline import _cells
+    from jobs.pipeline import grid_cells
     from knowfree_core.errors import ConfigError
 
     config = load_structured(PipelineConfig, None, [
         "train_config=x.yaml", f"output_dir={tmp_path}", "grid.k_shot=[5,10]", "grid.seeds=[1,2]"])
-    cells = _cells(config)
+    cells = grid_cells(config)
     assert [name for name, _ in cells] == ["k5-seed1", "k5-seed2", "k10-seed1", "k10-seed2"]
     assert "data.subset_seed=2" in cells[1][1] and "data.k_shot=5" in cells[1][1]
     with pytest.raises(ConfigError, match="variant"):
