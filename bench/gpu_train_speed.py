@@ -41,6 +41,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from bench_device import bench_device
 from knowfree_core.commandline import add_set_option
 from knowfree_core.config import KnowFreeConfig, load_config, validate_config
 from knowfree_core.encoders.unit_encoder import build_random_encoder
@@ -193,14 +194,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    device = resolve_device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no GPU (torch.cuda.is_available() is False)", file=sys.stderr)
+    device = bench_device(args.device, args.threads)
+    if device is None:
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     precisions = args.precision or (["fp32", "bf16"] if device.type == "cuda" else ["fp32"])
     intermediate = args.intermediate or 4 * args.hidden
 

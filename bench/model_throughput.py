@@ -45,6 +45,7 @@ from typing import Optional, Sequence
 import torch
 
 from gpu_train_speed import DEFAULT_CONFIG, DEFAULT_DATA, MIB, build_bert_shaped_encoder, machine_line
+from bench_device import bench_device
 from knowfree_core.commandline import add_set_option
 from knowfree_core.config import KnowFreeConfig, load_config, validate_config
 from knowfree_core.labels import LabelVocab
@@ -55,7 +56,6 @@ from knowfree_core.training import (
     OptimizationStep,
     length_bucketed_batches,
     peak_rss_mib,
-    resolve_device,
 )
 
 BENCH = Path(__file__).resolve().parent
@@ -347,14 +347,9 @@ def precisions_for(args: argparse.Namespace, device: torch.device) -> tuple[list
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    device = resolve_device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no GPU", file=sys.stderr)
+    device = bench_device(args.device, args.threads)
+    if device is None:
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     precisions, notes = precisions_for(args, device)
     for note in notes:
