@@ -82,6 +82,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .cli import TUNE
 from .common import RayConfig, init_ray
+from .fault_injection import FAIL_MARKER, fail_after_epoch, fail_now  # noqa: F401 - tests only; FAIL_MARKER: their name for it
 from knowfree_core import commandline
 from knowfree_core.config import (
     KnowFreeConfig,
@@ -101,7 +102,6 @@ logger = logging.getLogger("jobs.tune")
 
 STATE_FILE = "state.pt"  # in every function-trial checkpoint: fit's loop state
 EXPERIMENT = "tune"  # the Tune experiment's folder under output_dir
-FAIL_MARKER = ".fail_after_epoch.done"
 Sampler = Literal["choice", "grid", "uniform", "loguniform", "randint"]
 # Keys whose change would need other prepared data (the driver prepares it once for all trials).
 DATA_KEYS = ("data.", "model.use_extension_labels")
@@ -321,13 +321,6 @@ def _start_trial_folder(config: KnowFreeConfig) -> Path:
     return run_dir
 
 
-def _fail_once_if_asked(setup: TrialSetup, run_dir: Path, epoch: int) -> None:
-    if setup.fail_after_epoch != epoch or (run_dir / FAIL_MARKER).exists():
-        return
-    (run_dir / FAIL_MARKER).write_text(f"failed after epoch {epoch}\n", encoding="utf-8")
-    raise RuntimeError(f"fail_after_epoch={epoch}: this trial fails once (testing)")
-
-
 def function_trial(params: dict, setup: TrialSetup) -> None:
     """One trial in this process: ``fit`` with a per-epoch ``ray.tune.report`` + checkpoint;
     a restored trial continues after the epoch of its last checkpoint."""
@@ -363,7 +356,8 @@ def function_trial(params: dict, setup: TrialSetup) -> None:
             with tempfile.TemporaryDirectory(prefix="knowfree-tune-") as tmp:
                 state.save(Path(tmp) / STATE_FILE)  # type: ignore[union-attr] - set: no other ranks
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
-            _fail_once_if_asked(setup, run_dir, epoch_report.epoch)
+            if fail_now(setup.fail_after_epoch, epoch_report.epoch, run_dir, f"failed after epoch {epoch_report.epoch}"):
+                raise RuntimeError(f"fail_after_epoch={epoch_report.epoch}: this trial fails once (testing)")
 
         model = build_model(config, setup.data.vocab)
         fit(model, setup.data.train, setup.data.dev, config.train, progress=False,
@@ -483,8 +477,6 @@ def run_tune(job: TuneJobConfig) -> TuneSummary:
     """Run (or restore and finish) the search; write the tables, the best config and the best
     trial's evaluation."""
     from ray import tune
-
-    from .fault_injection import fail_after_epoch  # tests only; never set in a config
 
     out = Path(job.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
