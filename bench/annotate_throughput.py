@@ -20,6 +20,7 @@ from pathlib import Path
 
 from knowfree_jobs.annotate import load_job_config, run_annotation
 from knowfree_core.annotation import AnnotatorSpec, BatchAnnotator, prepare_input
+from knowfree_core.report.document import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,14 +91,12 @@ def main() -> None:
         ray.shutdown()  # each row on a fresh local cluster, like a fresh job
     shutil.rmtree(work, ignore_errors=True)
 
-    lines = [
-        "| mode | sentences | seconds | sentences/s | end-to-end s (prepare + Ray start + collect) |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for mode, n, seconds, total in results:
-        lines.append(f"| {mode} | {n} | {seconds:.1f} | {n / seconds:.0f} | {total:.1f} |" if total else
-                     f"| {mode} | {n} | {seconds:.1f} | {n / seconds:.0f} | — |")
-    table = "\n".join(lines)
+    table = markdown_table(
+        ["mode", "sentences", "seconds", "sentences/s", "end-to-end s (prepare + Ray start + collect)"],
+        [[mode, n, f"{seconds:.1f}", f"{n / seconds:.0f}", f"{total:.1f}" if total else "—"]
+         for mode, n, seconds, total in results],
+        align="lrrrr",
+    )
     print(table)
     if args.append:
         header = (

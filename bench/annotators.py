@@ -15,6 +15,7 @@ from pathlib import Path
 
 from knowfree_core.annotators.base import STEPS, get_annotator
 from knowfree_core.formats import read_dataset
+from knowfree_core.report.document import markdown_table
 
 
 def main() -> None:
@@ -27,7 +28,7 @@ def main() -> None:
     chars = sum(len(s) for s in sentences)
     print(f"{args.path}: {len(sentences)} sentences, {chars} characters, steps {STEPS}\n")
 
-    speed_rows: list[str] = []
+    speed_rows: list[list[str]] = []
     labels: Counter[tuple[str, str]] = Counter()
     reasons: Counter[tuple[str, str]] = Counter()
     for name in args.annotators:
@@ -41,26 +42,14 @@ def main() -> None:
             labels.update((span.source, span.label) for span in result.spans)
             reasons.update((name, rejection.reason) for rejection in result.rejections)
         seconds = done - loaded
-        speed_rows.append(
-            f"| {name} | {loaded - started:.2f} | {seconds:.2f} | {len(sentences) / seconds:.0f} "
-            f"| {chars / seconds:.0f} |"
-        )
+        speed_rows.append([name, f"{loaded - started:.2f}", f"{seconds:.2f}", f"{len(sentences) / seconds:.0f}",
+                           f"{chars / seconds:.0f}"])
 
-    print("| annotator | load s | annotate s | sentences/s | chars/s |")
-    print("|---|---:|---:|---:|---:|")
-    print("\n".join(speed_rows))
-
-    print("\n| source | label | count |")
-    print("|---|---|---:|")
-    for (source, label), count in sorted(labels.items(), key=lambda item: (item[0][0], -item[1], item[0][1])):
-        print(f"| {source} | {label} | {count} |")
-
-    print("\n| annotator | rejection | count |")
-    print("|---|---|---:|")
-    for (name, reason), count in sorted(reasons.items()):
-        print(f"| {name} | {reason} | {count} |")
-    if not reasons:
-        print("| - | none | 0 |")
+    print(markdown_table(["annotator", "load s", "annotate s", "sentences/s", "chars/s"], speed_rows, align="lrrrr"))
+    by_source = sorted(labels.items(), key=lambda item: (item[0][0], -item[1], item[0][1]))
+    print("\n" + markdown_table(["source", "label", "count"], [[s, label, n] for (s, label), n in by_source], align="llr"))
+    rejected = [[name, reason, n] for (name, reason), n in sorted(reasons.items())] or [["-", "none", 0]]
+    print("\n" + markdown_table(["annotator", "rejection", "count"], rejected, align="llr"))
 
 
 if __name__ == "__main__":

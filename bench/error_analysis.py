@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from knowfree_core.formats import read_dataset
+from knowfree_core.report.document import markdown_table
 from knowfree_core.model.knowfree import KnowFreeModel
 
 
@@ -47,17 +48,20 @@ def main() -> None:
             outcome.setdefault(span.label, Counter())["predicted"] += 1
 
     columns = ["train", "gold", "predicted", "correct", "wrong type", "boundary", "not found"]
-    print("| label | " + " | ".join(columns) + " | recall |")
-    print("|---|" + "---:|" * (len(columns) + 1))
+    table = []
     total: Counter = Counter()
     for label in sorted(outcome):
         row = outcome[label]
         row["train"] = train_counts.get(label, 0)
         total.update(row)
-        recall = row["correct"] / row["gold"] if row["gold"] else 0.0
-        print(f"| {label} | " + " | ".join(str(row[c]) for c in columns) + f" | {recall:.2f} |")
-    recall = total["correct"] / total["gold"] if total["gold"] else 0.0
-    print("| all | " + " | ".join(str(total[c]) for c in columns) + f" | {recall:.2f} |")
+        table.append(_table_row(label, row, columns))
+    table.append(_table_row("all", total, columns))
+    print(markdown_table(["label", *columns, "recall"], table, align="l" + "r" * (len(columns) + 1)))
+
+
+def _table_row(label: str, counts: Counter, columns: list[str]) -> list[str]:
+    recall = counts["correct"] / counts["gold"] if counts["gold"] else 0.0
+    return [label, *(str(counts[c]) for c in columns), f"{recall:.2f}"]
 
 
 if __name__ == "__main__":

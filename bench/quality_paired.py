@@ -15,6 +15,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence
 
+from knowfree_core.report.document import markdown_table
+
 #: (dataset, setting, variant, seed) -> results record, as bench/quality.py's latest_results gives.
 Latest = Mapping[tuple, dict]
 
@@ -121,16 +123,17 @@ def paired_table(comparisons: Sequence[PairedComparison], titles: Mapping[str, s
     rank = {name: i for i, name in enumerate(order)}
     rows = sorted(comparisons, key=lambda c: (rank.get(c.dataset, len(rank)), c.dataset, c.setting[0],
                                               int(c.setting[1:]) if c.setting[1:].isdigit() else 0))
-    lines = [f"| cell | {first.variant} − {first.baseline} (points) | per seed | wins / losses / ties "
-             "| sign p | Wilcoxon p |", "|---|---:|---|---:|---:|---:|"]
+    header = ["cell", f"{first.variant} − {first.baseline} (points)", "per seed", "wins / losses / ties",
+              "sign p", "Wilcoxon p"]
+    table = []
     for c in rows:
         spread = "" if c.sd is None else f" ± {c.sd:.1f}"
         per_seed = ", ".join(f"{s}: {_signed(d)}" for s, d in zip(c.seeds, c.differences))
         name = (titles or {}).get(c.dataset) or c.dataset
         seeds = f"{len(c.seeds)} seed" + ("s" if len(c.seeds) > 1 else "")
-        lines.append(f"| {name} {c.setting} ({seeds}) | {_signed(c.mean)}{spread} | {per_seed} "
-                     f"| {c.wins} / {c.losses} / {c.ties} | {_p(c.sign_p)} | {_p(c.wilcoxon_p)} |")
-    return "\n".join(lines)
+        table.append([f"{name} {c.setting} ({seeds})", f"{_signed(c.mean)}{spread}", per_seed,
+                      f"{c.wins} / {c.losses} / {c.ties}", _p(c.sign_p), _p(c.wilcoxon_p)])
+    return markdown_table(header, table, align="lrlrrr")
 
 
 def paired_caption(metric: str) -> str:

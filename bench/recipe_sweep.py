@@ -21,6 +21,8 @@ import yaml
 
 from subprocess_pool import Command, run_commands
 
+from knowfree_core.report.document import markdown_table
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -63,19 +65,16 @@ def summarise(name: str, overrides: list[str], run_dir: Path, status: str) -> di
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [
-        "| run | overrides | epochs | best dev F1 (epoch) | test F1 at best dev | P / R | first epoch dev ≥ 0.3 | s/epoch |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    header = ["run", "overrides", "epochs", "best dev F1 (epoch)", "test F1 at best dev", "P / R",
+              "first epoch dev ≥ 0.3", "s/epoch"]
+    table = []
     for r in rows:
         test = "—" if r["test_f1"] is None else f"{r['test_f1']:.4f}"
         pr = "—" if r["test_p"] is None else f"{r['test_p']:.3f} / {r['test_r']:.3f}"
         best = "—" if r["best_dev_f1"] is None else f"{r['best_dev_f1']:.4f} ({r['best_epoch']})"
-        lines.append(
-            f"| {r['name']} | `{' '.join(r['overrides'])}` | {r['epochs']} | {best} | {test} | {pr} | "
-            f"{r['first_epoch_dev_ge_0.3'] or '—'} | {r['s_per_epoch']} |"
-        )
-    return "\n".join(lines)
+        table.append([r["name"], f"`{' '.join(r['overrides'])}`", r["epochs"], best, test, pr,
+                      r["first_epoch_dev_ge_0.3"] or "—", r["s_per_epoch"]])
+    return markdown_table(header, table, align="llrrrrrr")
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from knowfree_core.config import EncoderConfig, ModelConfig
 from knowfree_core.formats import read_dataset
 from knowfree_core.labels import LabelVocab
 from knowfree_core.model.knowfree import KnowFreeModel
+from knowfree_core.report.document import markdown_table
 from knowfree_core.training import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,15 +68,13 @@ def main() -> None:
         for name, batch in batches.items():
             length = max(len(s) for s in batch)
             rows.append((name, length, max_span, step_seconds(model, batch, args.repeats)))
-    table = [
-        "| batch | L | full grid s | band s (max_span_length=%d) | speed-up |" % args.max_span,
-        "|---|---:|---:|---:|---:|",
-    ]
+    table = []
     for name, length, _, full in [r for r in rows if r[2] is None]:
         band = next(r[3] for r in rows if r[0] == name and r[2] is not None)
-        table.append(f"| {name} | {length} | {full:.2f} | {band:.2f} | {full / band:.1f}× |")
+        table.append([name, length, f"{full:.2f}", f"{band:.2f}", f"{full / band:.1f}×"])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    text = "\n".join(table)
+    header = ["batch", "L", "full grid s", f"band s (max_span_length={args.max_span})", "speed-up"]
+    text = markdown_table(header, table, align="lrrrr")
     print(text)
     print(f"peak RSS {peak:.0f} MiB")
     if args.append:

@@ -52,6 +52,7 @@ from typing import Any, Optional
 
 from .cli import TRAIN
 from .common import RayConfig, init_ray
+from .fault_injection import FAIL_MARKER, fail_after_epoch, fail_now  # noqa: F401 - tests only; FAIL_MARKER: their name for it
 from knowfree_core import commandline
 from knowfree_core.config import KnowFreeConfig
 from knowfree_core.distributed import DistributedContext
@@ -67,7 +68,6 @@ logger = logging.getLogger("jobs.train")
 
 STATE_FILE = "state.pt"  # in every per-epoch checkpoint: fit's loop state
 EXPORT_MARKER = "export.json"  # in the last checkpoint: the exported model is there
-FAIL_MARKER = ".fail_after_epoch.done"  # jobs.fault_injection's failure (tests) fired already
 
 
 # ---------------------------------------------------------------------------- driver
@@ -155,8 +155,6 @@ def _run(config: KnowFreeConfig, run_dir: Path, ray_config: RayConfig, callbacks
     if resuming:
         logger.info("Ray Train run %s/%s has checkpoints: it continues from the latest", storage_path, name)
     init_ray(ray_config, min_cpus=settings.num_workers * worker_resources(config).get("CPU", 0.0))
-
-    from .fault_injection import fail_after_epoch  # tests only; never set in a config
 
     result = make_trainer(config, data, callbacks, fail_after_epoch=fail_after_epoch()).fit()
     if getattr(result, "error", None) is not None:
@@ -277,15 +275,13 @@ def _fail_once_if_asked(fail_after_epoch: Optional[int], run_dir: str, rank: int
     registered, so that the restart has something to resume from."""
     import ray.train
 
-    if fail_after_epoch != epoch or rank != min(1, world_size - 1):
+    if rank != min(1, world_size - 1):
         return
-    marker = Path(run_dir) / FAIL_MARKER
-    if marker.exists():
-        return
-    ray.train.get_all_reported_checkpoints()  # blocks until this epoch's report is processed
-    marker.write_text(f"rank {rank} exited after epoch {epoch}\n", encoding="utf-8")
-    logger.warning("fault injection after epoch %d: rank %d exits now", epoch, rank)
-    os._exit(1)
+    # Waiting for this epoch's report to be processed: the restart then resumes after this epoch.
+    if fail_now(fail_after_epoch, epoch, run_dir, f"rank {rank} exited after epoch {epoch}",
+                before=ray.train.get_all_reported_checkpoints):
+        logger.warning("fault injection after epoch %d: rank %d exits now", epoch, rank)
+        os._exit(1)
 
 
 # ---------------------------------------------------------------------------- command line

@@ -153,7 +153,8 @@ def exit_status(prog: str, run: Callable[[], Optional[int]]) -> int:
 def script_prog() -> str:
     """``python -m jobs.pipeline`` or ``quality.py``: how this process was started."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return f"python -m {spec.name}" if spec is not None else Path(sys.argv[0]).name
+    # A package run with -m (jobs.tune) has its __main__ module as the spec: name the package.
+    return f"python -m {spec.name.removesuffix('.__main__')}" if spec is not None else Path(sys.argv[0]).name
 
 
 def main(commands: Union[Command, Sequence[Command]], argv: Optional[Sequence[str]] = None,

@@ -205,7 +205,8 @@ def test_search_space_keys_are_checked_before_anything_runs(tmp_path):
 
 def test_optuna_samples_the_search_space(tmp_path):
     pytest.importorskip("optuna")
-    from jobs.tune import TuneJobConfig, _tune_config_objects, to_param_space
+    from jobs.tune import TuneJobConfig, to_param_space
+    from jobs.tune.driver import _tune_config_objects
 
     base = _base(tmp_path)
     job = TuneJobConfig(train_config="unused.yaml", output_dir=str(tmp_path), search_alg="optuna", seed=1,
