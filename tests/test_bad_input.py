@@ -42,6 +42,23 @@ def test_repairs_are_counted_and_reported(name, spans, repairs, caplog):
         assert f"{repairs} broken tag sequence(s) repaired" in caplog.text and name in caplog.text
 
 
+# The characters in the first column of space_characters.conll, sentence by sentence.
+SPACE_UNITS = [["张", "三", "\u3000", "在", "\u00a0", "北", "京"], ["e", "\u0301", "\u200b", "\u3000", "好"]]
+
+
+def test_unicode_spaces_and_invisible_characters_are_units(tmp_path):
+    # Chinese corpora store an ideographic or no-break space as the character of a line; only
+    # ASCII blanks separate the columns, so such lines keep their unit and the spans stay put.
+    from knowfree_core.formats.conll import read_conll, write_conll
+
+    sentences = read_conll(BAD / "space_characters.conll")
+    assert [s.units for s in sentences] == SPACE_UNITS
+    assert [[(s.start, s.end, s.label) for s in x.spans] for x in sentences] == [
+        [(0, 2, "PER"), (5, 7, "LOC")], [(0, 2, "PER")]]
+    write_conll(sentences, tmp_path / "again.conll", separator=" ")
+    assert [s.units for s in read_conll(tmp_path / "again.conll")] == SPACE_UNITS
+
+
 def test_empty_sentences_are_skipped_and_counted(caplog):
     with caplog.at_level(logging.WARNING, logger="knowfree_core.formats"):
         sentences, report = read_dataset_with_report(BAD / "empty_sentence.jsonl")
@@ -100,5 +117,5 @@ def test_the_corpus_is_complete():
     assert {p.name for p in BAD.iterdir()} >= {
         "missing_column.conll", "non_utf8.conll", "span_out_of_range.jsonl", "i_without_b.conll",
         "mixed_schemes.conll", "crlf.conll", "empty_sentence.jsonl", "empty_file.conll", "long_sentence.jsonl",
-        "unknown_label_dev.conll"}
+        "unknown_label_dev.conll", "space_characters.conll"}
     assert issubclass(DataFormatError, KnowFreeError)
