@@ -182,6 +182,8 @@ _ENGINES = LazyRegistry(
     },
     what="LLM engine",
     plural="engines",
+    base=LLMEngine,
+    key="engine.kind",
 )
 
 
