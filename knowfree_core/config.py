@@ -8,6 +8,7 @@ single source of defaults; the defaults follow the paper's Appendix H where it g
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Mapping, Optional, TypeVar
@@ -17,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .bounds import COUNT, NON_NEGATIVE, OPEN_PROBABILITY, PROBABILITY, Bound, check_bounds
 from .errors import ConfigError
+from .yaml_files import checked_yaml_text
 
 #: An annotation step: entities of any type, words, part-of-speech tags (the steps of
 #: ``knowfree_core.annotators.base.STEPS``), for every config that lists steps.
@@ -239,7 +241,8 @@ def load_structured(schema: type[Config], path: str | Path | None = None, overri
     try:
         merged = OmegaConf.structured(schema)
         if path is not None:
-            loaded = OmegaConf.load(path)
+            # Checked first: a syntax error, a top-level list or an alias bomb is one line.
+            loaded = OmegaConf.load(io.StringIO(checked_yaml_text(path)))
             if isinstance(loaded, DictConfig):
                 _drop_retired(loaded, retired or {})
             merged = OmegaConf.merge(merged, loaded)
