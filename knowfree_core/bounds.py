@@ -39,7 +39,7 @@ NON_NEGATIVE = Bound(low=0, text=">= 0")
 PROBABILITY = Bound(low=0, high=1, text="in [0, 1]")
 #: A probability that becomes a logit or a cut-off, where 0 and 1 have no meaning.
 OPEN_PROBABILITY = Bound(low=0, high=1, low_open=True, high_open=True, text="in (0, 1)")
-#: Strictly positive reals where 0 would stall or divide (top_p, CPUs a task reserves).
+#: Strictly positive reals where 0 means nothing could happen (a timeout).
 POSITIVE = Bound(low=0, low_open=True, text="> 0")
 
 
