@@ -173,7 +173,7 @@ def max_abs_diff(a: Measurement, b: Measurement) -> float | None:
         return None
     import torch
 
-    return float((torch.load(a.output) - torch.load(b.output)).abs().max())
+    return float((torch.load(a.output, weights_only=True) - torch.load(b.output, weights_only=True)).abs().max())
 
 
 def _fmt(value: float | None, spec: str) -> str:

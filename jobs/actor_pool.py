@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from knowfree_core.bounds import COUNT, NON_NEGATIVE, check_bounds
+
 
 @dataclass
 class ActorPool:
@@ -16,6 +18,11 @@ class ActorPool:
     batch_size: int = 64
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
+
+    def __post_init__(self) -> None:
+        # num_actors=0 or batch_size=-1 would otherwise surface as a Ray Data traceback.
+        check_bounds("pool", self, {"num_actors": COUNT, "batch_size": COUNT,
+                                    "cpus_per_actor": NON_NEGATIVE, "gpus_per_actor": NON_NEGATIVE})
 
 
 def map_with_actor_pool(dataset: Any, actor: Callable[..., Any], constructor_kwargs: dict[str, Any],

@@ -36,6 +36,7 @@ from .rowjob import (
 from knowfree_core import commandline
 from knowfree_core.annotation import AnnotatorSpec, BatchAnnotator, collect_output, prepare_input
 from knowfree_core.annotators.base import Annotator
+from knowfree_core.bounds import COUNT, check_bounds
 from knowfree_core.config import Step, load_structured, structured_to_dict
 from knowfree_core.errors import ConfigError
 from knowfree_core.llm.engine import EngineConfig, GenerationParams
@@ -85,6 +86,9 @@ class AnnotateSettings:
     llm: LLMSettings = field(default_factory=LLMSettings)
     pool: PoolConfig = field(default_factory=PoolConfig)
     restart: bool = False
+
+    def __post_init__(self) -> None:
+        check_bounds("", self, {"max_units": COUNT})
 
 
 @dataclass

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from knowfree_core.bounds import COUNT, check_bounds
 from knowfree_core.errors import KnowFreeError
 from knowfree_core.output import OutputSettings
 
@@ -31,6 +32,9 @@ class RayConfig:
     address: Optional[str] = None
     num_cpus: Optional[int] = None
     object_store_mb: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        check_bounds("ray", self, {"num_cpus": COUNT, "object_store_mb": COUNT})
 
 
 def init_ray(config: RayConfig, min_cpus: float = 0.0) -> None:

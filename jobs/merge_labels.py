@@ -27,6 +27,7 @@ from .annotate import LLMSettings
 from .cli import MERGE_LABELS
 from .common import RayConfig, init_ray
 from knowfree_core import commandline
+from knowfree_core.bounds import COUNT, NON_NEGATIVE, check_bounds
 from knowfree_core.config import load_structured
 from knowfree_core.errors import ConfigError
 from knowfree_core.formats import read_dataset, write_dataset
@@ -57,6 +58,9 @@ class MergeSettings:
     faiss_clusters: Optional[int] = None
     #: The embedding actors (one sentence-embedding model each).
     pool: ActorPool = field(default_factory=lambda: ActorPool(num_actors=1, batch_size=256))
+
+    def __post_init__(self) -> None:
+        check_bounds("", self, {"p": COUNT, "faiss_k": COUNT, "faiss_clusters": COUNT, "epsilon": NON_NEGATIVE})
 
 
 @dataclass

@@ -58,6 +58,7 @@ from .merge_labels import MergeJobConfig, MergeSettings, run_merge
 from .rowjob import PoolConfig
 from .synthesize import LabelStage, SynthesizeJobConfig, run_synthesis, sampling_defaults
 from knowfree_core import commandline
+from knowfree_core.bounds import COUNT, NON_NEGATIVE, check_bounds
 from knowfree_core.config import KnowFreeConfig, Step, load_config, load_structured, with_changes, with_overrides
 from knowfree_core.errors import ConfigError
 from knowfree_core.formats import read_dataset, write_dataset
@@ -125,6 +126,9 @@ class TrainResources:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
 
+    def __post_init__(self) -> None:
+        check_bounds("train_resources", self, {"num_cpus": NON_NEGATIVE, "num_gpus": NON_NEGATIVE})
+
 
 @dataclass
 class SynthesisStage:
@@ -141,6 +145,9 @@ class SynthesisStage:
     pool: PoolConfig = field(default_factory=lambda: PoolConfig(num_actors=1, batch_size=16))
     label: LabelStage = field(default_factory=LabelStage)
 
+    def __post_init__(self) -> None:
+        check_bounds("synthesis", self, {"max_sources": COUNT})
+
 
 @dataclass
 class GridConfig:
@@ -152,6 +159,9 @@ class GridConfig:
     seeds: List[int] = field(default_factory=list)
     #: Variants per cell (default: the pipeline's ``variant``); F and FS share F's stages.
     variants: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_bounds("grid", self, {"k_shot": COUNT, "subset_sizes": COUNT})
 
 
 @dataclass

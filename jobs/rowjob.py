@@ -19,6 +19,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 
 from .actor_pool import ActorPool, map_with_actor_pool
 from .common import RayConfig, init_ray
+from knowfree_core.bounds import COUNT, NON_NEGATIVE, check_bounds
 from knowfree_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,10 @@ class PoolConfig(ActorPool):
     read_cpus: float = 0.25
     #: Blocks the input is split into (default 4 per actor) so every actor gets work.
     blocks: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bounds("pool", self, {"read_cpus": NON_NEGATIVE, "blocks": COUNT})
 
 
 def _under_root(name: str) -> property:

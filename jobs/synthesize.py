@@ -33,6 +33,7 @@ from .rowjob import (
 )
 from knowfree_core import commandline
 from knowfree_core.annotation import collect_output, prepare_input
+from knowfree_core.bounds import COUNT, check_bounds
 from knowfree_core.config import load_structured, structured_to_dict
 from knowfree_core.errors import ConfigError
 from knowfree_core.llm.engine import EngineConfig, GenerationParams
@@ -53,6 +54,9 @@ class LabelStage:
     device: str = "cpu"
     num_threads: Optional[int] = None  # torch threads per actor (None: torch's default)
     pool: PoolConfig = field(default_factory=lambda: PoolConfig(num_actors=1, batch_size=256))
+
+    def __post_init__(self) -> None:
+        check_bounds("label", self, {"batch_size": COUNT, "num_threads": COUNT})
 
 
 @dataclass

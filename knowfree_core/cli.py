@@ -144,9 +144,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from .bounds import COUNT, check_bounds
     from .formats import read_dataset
     from .sampling import greedy_k_shot, many_shot_subsets, write_subsets
 
+    # Before reading: --sizes -5 or --k-shot 0 is one line, not a traceback from the sampler.
+    check_bounds("", args, {"sizes": COUNT, "k_shot": COUNT})
     sentences = read_dataset(args.data, format=args.format)
     extra = {"source": str(args.data)}
     if args.k_shot:

@@ -8,6 +8,7 @@ single source of defaults; the defaults follow the paper's Appendix H where it g
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Mapping, Optional, TypeVar
@@ -15,7 +16,9 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, TypeVar
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .bounds import COUNT, NON_NEGATIVE, OPEN_PROBABILITY, PROBABILITY, Bound, check_bounds
 from .errors import ConfigError
+from .yaml_files import checked_yaml_text
 
 #: An annotation step: entities of any type, words, part-of-speech tags (the steps of
 #: ``knowfree_core.annotators.base.STEPS``), for every config that lists steps.
@@ -54,6 +57,12 @@ class DataConfig:
     # need tens of GB. Evaluation keeps every sentence. None: no limit.
     max_train_units: Optional[int] = 1000
 
+    def __post_init__(self) -> None:
+        check_bounds("data", self, {
+            "subset_size": COUNT, "k_shot": COUNT, "dev_from_train": COUNT, "max_train_units": COUNT,
+            "min_extension_count": NON_NEGATIVE,
+        })
+
 
 @dataclass
 class EncoderConfig:
@@ -71,6 +80,9 @@ class EncoderConfig:
     # "char" (one piece per character), "word" (whitespace tokens, all their pieces), or "auto":
     # taken from the training data (joiner "" -> char, " " -> word).
     unit_mode: Literal["auto", "char", "word"] = "auto"
+
+    def __post_init__(self) -> None:
+        check_bounds("encoder", self, {"max_length": COUNT, "stride": COUNT, "num_layers": NON_NEGATIVE})
 
 
 @dataclass
@@ -108,6 +120,18 @@ class ModelConfig:
     threshold: float = 0.5
     max_span_length: Optional[int] = None
 
+    def __post_init__(self) -> None:
+        check_bounds("model", self, {
+            "ffn_size": COUNT, "grid_size": COUNT, "biaffine_heads": COUNT, "attn_heads": COUNT,
+            "cnn_depth": COUNT, "max_span_length": COUNT,
+            "window": NON_NEGATIVE,  # 0: no neighbours, as use_local_attention=false
+            "alpha_scale": NON_NEGATIVE, "alpha_max": NON_NEGATIVE, "beta": NON_NEGATIVE,
+            # threshold: [0, 1] here, as saved models may hold 0 (score every span); a config's
+            # stricter (0, 1) is validate_config's.
+            "dropout": PROBABILITY, "threshold": PROBABILITY,
+            "output_prior": OPEN_PROBABILITY,  # becomes a logit
+        })
+
 
 @dataclass
 class TrainConfig:
@@ -135,6 +159,15 @@ class TrainConfig:
     # more than a few-shot epoch's training.
     eval_every: int = 1
 
+    def __post_init__(self) -> None:
+        check_bounds("train", self, {
+            "epochs": COUNT, "batch_size": COUNT, "eval_batch_size": COUNT, "num_threads": COUNT,
+            "patience": COUNT, "eval_every": COUNT,
+            "encoder_lr": NON_NEGATIVE, "head_lr": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
+            "grad_clip": NON_NEGATIVE,  # 0: no clipping
+            "warmup_ratio": PROBABILITY, "threshold_candidates": OPEN_PROBABILITY,
+        })
+
 
 @dataclass
 class RayTrainConfig:
@@ -152,6 +185,11 @@ class RayTrainConfig:
     name: Optional[str] = None  # the Ray Train run name; None: the output_dir's folder name
     max_failures: int = 0  # worker-group restarts from the last checkpoint (-1: no limit)
     num_to_keep: int = 2  # checkpoints kept in storage (each holds the whole loop state)
+
+    def __post_init__(self) -> None:
+        check_bounds("ray_train", self, {
+            "num_workers": COUNT, "num_to_keep": COUNT, "max_failures": Bound(low=-1, text=">= -1 (-1: no limit)"),
+        })
 
 
 @dataclass
@@ -203,7 +241,8 @@ def load_structured(schema: type[Config], path: str | Path | None = None, overri
     try:
         merged = OmegaConf.structured(schema)
         if path is not None:
-            loaded = OmegaConf.load(path)
+            # Checked first: a syntax error, a top-level list or an alias bomb is one line.
+            loaded = OmegaConf.load(io.StringIO(checked_yaml_text(path)))
             if isinstance(loaded, DictConfig):
                 _drop_retired(loaded, retired or {})
             merged = OmegaConf.merge(merged, loaded)

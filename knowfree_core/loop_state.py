@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 import torch
 
+from .state_files import load_checkpoint
+
 #: Dict keys written only when set: a checkpoint of an fp32, single-process run has neither.
 _OPTIONAL_KEYS = ("scaler", "torch_rng_by_rank")
 
@@ -163,7 +165,7 @@ class LoopState:
     @classmethod
     def load(cls, path: str | Path) -> "LoopState":
         # weights_only: tensors, numbers, strings and containers only; a checkpoint file cannot run code.
-        return cls.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return cls.from_dict(load_checkpoint(path))
 
 
 def _as_random_state(state) -> tuple:

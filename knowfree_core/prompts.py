@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import jinja2
-import yaml
 
 from knowfree_core.errors import ConfigError
 from knowfree_core.safe_paths import plain_name
+from knowfree_core.yaml_files import read_yaml_mapping
 
 STEPS = ("ent", "seg", "pos", "merge", "exp", "ext")
 RESPONSE_KINDS = ("json", "text")
@@ -186,21 +186,7 @@ def _search_dirs(prompts_dir: str | Path | None) -> list[Path]:
 def load_prompt_file(path: str | Path) -> PromptTemplate:
     """Read and check one template file; every problem names the file."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read prompt template: {error.strerror}") from error
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: prompt template is not UTF-8 text") from error
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(error, "problem", None) or str(error)
-        raise ConfigError(f"{where}: malformed YAML in prompt template: {problem}") from error
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: a prompt template must be a YAML mapping with keys {', '.join(_REQUIRED_KEYS)}"
-        )
+    data = read_yaml_mapping(path, "prompt template")
     missing = [key for key in _REQUIRED_KEYS if key not in data or data[key] in (None, "")]
     if missing:
         raise ConfigError(f"{path}: prompt template is missing {', '.join(missing)}")

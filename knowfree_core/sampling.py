@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from knowfree_core.errors import ConfigError
 from knowfree_core.records import Sentence
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ def many_shot_subsets(
     if sizes[0] <= 0:
         raise ValueError(f"subset sizes must be positive, got {sizes[0]}")
     if sizes[-1] > len(sentences):
-        raise ValueError(
+        # ConfigError (a ValueError): a size the user asked for, reported on one line.
+        raise ConfigError(
             f"subset size {sizes[-1]} exceeds the {len(sentences)} sentences available; "
             f"use sizes <= {len(sentences)}"
         )

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from knowfree_core.annotation import read_output_rows
+from knowfree_core.bounds import COUNT, check_bounds
+from knowfree_core.errors import ConfigError
 from knowfree_core.llm.cache import AnswerCache, generate_cached
 from knowfree_core.llm.engine import EngineConfig, GenerationParams, LLMEngine, build_engine
 from knowfree_core.prompts import PromptTemplate, load_prompt
@@ -88,12 +90,13 @@ class SynthesisSettings:
     max_per_source: int | None = None
 
     def __post_init__(self) -> None:
-        if self.continuations < 1:
-            raise ValueError(f"continuations must be at least 1, got {self.continuations}")
-        if self.max_per_source is not None and self.max_per_source < 1:
-            raise ValueError(f"max_per_source must be at least 1 (or null), got {self.max_per_source}")
-        if not 0 < self.min_units <= self.max_units:
-            raise ValueError(f"need 0 < min_units <= max_units, got {self.min_units} and {self.max_units}")
+        # ConfigError (a ValueError): a config file's bad value is one line naming the key.
+        check_bounds("synthesis", self, {"continuations": COUNT, "max_per_source": COUNT,
+                                         "min_units": COUNT, "max_units": COUNT})
+        if self.min_units > self.max_units:
+            raise ConfigError(
+                f"synthesis: need min_units <= max_units, got {self.min_units} and {self.max_units}"
+            )
 
 
 def entity_pairs(sentence: Sentence) -> list[tuple[str, str]]:

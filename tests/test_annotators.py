@@ -294,6 +294,35 @@ def test_unknown_annotator_name_lists_known_ones():
     assert "knowfree" in str(info.value)
 
 
+def test_a_plugin_must_be_an_annotator_subclass_before_it_is_called(tmp_path):
+    # "module:Name" used to call any importable callable with the config's options.
+    from knowfree_core.errors import ConfigError
+
+    marker = tmp_path / "ran"
+    with pytest.raises(ConfigError) as info:
+        get_annotator("os:system", command=f"touch {marker}")
+    assert not marker.exists()
+    message = str(info.value)
+    assert message.startswith("annotator: 'os:system' is not a subclass of knowfree_core.annotators.base.Annotator")
+    assert "\n" not in message
+    for bad, why in [("builtins:len", "not a subclass"), ("os:NoSuchName", "has no 'NoSuchName'"), ("no_such_module_x:Thing", "cannot import"),
+                     ("os:path:join", "not 'package.module:ClassName'"), ("builtins:dict", "not a subclass")]:
+        with pytest.raises(ConfigError, match=why):
+            get_annotator(bad)
+
+
+def test_an_engine_plugin_must_be_an_llm_engine():
+    from knowfree_core.errors import ConfigError
+    from knowfree_core.llm.engine import EngineConfig, LLMEngine, build_engine
+    from knowfree_core.registry import LazyRegistry
+
+    with pytest.raises(ConfigError, match="^engine.kind: unknown LLM engine 'os:system'"):
+        build_engine(EngineConfig(kind="os:system"))
+    engines = LazyRegistry({}, "LLM engine", "engines", open=True, base=LLMEngine, key="engine.kind")
+    with pytest.raises(ConfigError, match="is not a subclass of knowfree_core.llm.engine.LLMEngine"):
+        engines.resolve("knowfree_core.annotators.jieba_annotator:JiebaAnnotator")
+
+
 # --- real data -----------------------------------------------------------------------
 
 

@@ -26,6 +26,26 @@ def test_errors_name_the_file_and_line(name, where):
     assert where in str(caught.value) and "expected" in str(caught.value)
 
 
+@pytest.mark.parametrize("name, command, message", [
+    ("missing_column.conll", "sample", "missing_column.conll:2: missing column"),
+    ("non_utf8.conll", "sample", "non_utf8.conll:2: byte(s)"),
+    ("span_out_of_range.jsonl", "sample", "span_out_of_range.jsonl:1:"),
+    ("yaml_syntax_error.yaml", "train", "yaml_syntax_error.yaml:3: malformed YAML in config file"),
+    ("top_level_list.yaml", "train", "top_level_list.yaml: a config file must be a YAML mapping of keys, found a list"),
+    ("alias_bomb.yaml", "train", "alias_bomb.yaml: YAML aliases expand to"),
+])
+def test_the_command_line_reports_each_bad_file_on_one_line(tmp_path, capsys, name, command, message):
+    from knowfree_core.cli import main
+
+    if command == "train":  # a config file
+        argv = ["train", "--config", str(BAD / name), "--quiet"]
+    else:  # a data file
+        argv = ["sample", "--data", str(BAD / name), "--out", str(tmp_path / "out"), "--sizes", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("name, spans, repairs", [
     # I- without B- opens a span; a BIO sentence next to a BIOES one is read as BIOES, the
     # unclosed B- span closed at the sentence end: both counted as repairs
@@ -40,6 +60,23 @@ def test_repairs_are_counted_and_reported(name, spans, repairs, caplog):
     assert report.repairs == repairs
     if repairs:
         assert f"{repairs} broken tag sequence(s) repaired" in caplog.text and name in caplog.text
+
+
+# The characters in the first column of space_characters.conll, sentence by sentence.
+SPACE_UNITS = [["张", "三", "\u3000", "在", "\u00a0", "北", "京"], ["e", "\u0301", "\u200b", "\u3000", "好"]]
+
+
+def test_unicode_spaces_and_invisible_characters_are_units(tmp_path):
+    # Chinese corpora store an ideographic or no-break space as the character of a line; only
+    # ASCII blanks separate the columns, so such lines keep their unit and the spans stay put.
+    from knowfree_core.formats.conll import read_conll, write_conll
+
+    sentences = read_conll(BAD / "space_characters.conll")
+    assert [s.units for s in sentences] == SPACE_UNITS
+    assert [[(s.start, s.end, s.label) for s in x.spans] for x in sentences] == [
+        [(0, 2, "PER"), (5, 7, "LOC")], [(0, 2, "PER")]]
+    write_conll(sentences, tmp_path / "again.conll", separator=" ")
+    assert [s.units for s in read_conll(tmp_path / "again.conll")] == SPACE_UNITS
 
 
 def test_empty_sentences_are_skipped_and_counted(caplog):
@@ -100,5 +137,24 @@ def test_the_corpus_is_complete():
     assert {p.name for p in BAD.iterdir()} >= {
         "missing_column.conll", "non_utf8.conll", "span_out_of_range.jsonl", "i_without_b.conll",
         "mixed_schemes.conll", "crlf.conll", "empty_sentence.jsonl", "empty_file.conll", "long_sentence.jsonl",
-        "unknown_label_dev.conll"}
+        "unknown_label_dev.conll", "space_characters.conll", "yaml_syntax_error.yaml", "top_level_list.yaml",
+        "alias_bomb.yaml"}
     assert issubclass(DataFormatError, KnowFreeError)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: &a [1, *a]\n", "a YAML alias refers to an anchor that contains it"),
+    ("a: " + "[" * 5000 + "]" * 5000 + "\n", "YAML nested too deeply"),
+    ("a: &x [1, 2]\nb: *x\nc: *x\n", None),  # reuse, as bench/quality.yaml does, is fine
+])
+def test_recursive_and_deep_yaml_are_one_line_errors(tmp_path, text, message):
+    from knowfree_core.yaml_files import read_yaml_mapping
+
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    if message is None:
+        assert read_yaml_mapping(path) == {"a": [1, 2], "b": [1, 2], "c": [1, 2]}
+        return
+    with pytest.raises(KnowFreeError, match=message) as error:
+        read_yaml_mapping(path)
+    assert "\n" not in str(error.value) and str(path) in str(error.value)

@@ -184,3 +184,73 @@ def test_the_repositorys_configs_still_load():
                                                                        ROOT / "cluster" / "pipeline-weibo-250.yaml"]:
         load_structured(pipeline.PipelineConfig, path)
     quality.plan_cells(quality.load_structured(quality.QualityConfig, ROOT / "bench" / "quality.yaml"), {})
+
+
+# --- numeric ranges: a count of 0, a negative size, a probability above 1 -------------------------
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.epochs=0", "train.epochs must be at least 1, got 0"),
+    ("train.batch_size=-2", "train.batch_size must be at least 1"),
+    ("train.warmup_ratio=1.5", "train.warmup_ratio must be in [0, 1]"),
+    ("train.threshold_candidates=[0.3,1.2]", "train.threshold_candidates must be in (0, 1)"),
+    ("train.encoder_lr=-1e-5", "train.encoder_lr must be >= 0"),
+    ("model.window=-3", "model.window must be >= 0, got -3"),
+    ("model.dropout=1.5", "model.dropout must be in [0, 1]"),
+    ("model.output_prior=0", "model.output_prior must be in (0, 1)"),
+    ("model.grid_size=0", "model.grid_size must be at least 1"),
+    ("data.k_shot=0", "data.k_shot must be at least 1"),
+    ("data.max_train_units=-1", "data.max_train_units must be at least 1"),
+    ("encoder.stride=0", "encoder.stride must be at least 1"),
+    ("ray_train.max_failures=-2", "ray_train.max_failures must be >= -1"),
+])
+def test_train_config_ranges_are_checked_on_loading(tmp_path, capsys, override, key):
+    from knowfree_core.cli import main
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"data": {"train": "x.conll"}}), encoding="utf-8")
+    assert main(["train", "--config", str(path), "--set", override, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and key in err and str(path) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("job, overrides, key", [
+    ("annotate", ["pool.num_actors=0"], "pool.num_actors must be at least 1, got 0"),
+    ("annotate", ["pool.batch_size=-1"], "pool.batch_size must be at least 1, got -1"),
+    ("annotate", ["max_units=0"], "max_units must be at least 1"),
+    ("annotate", ["llm.generation.top_p=0"], "generation.top_p must be in (0, 1]"),
+    ("synthesize", ["synthesis.max_units=-5"], "synthesis.max_units must be at least 1, got -5"),
+    ("synthesize", ["engine.max_concurrency=0"], "engine.max_concurrency must be at least 1"),
+    ("synthesize", ["label.pool.blocks=0"], "pool.blocks must be at least 1"),
+    ("merge_labels", ["pool.num_actors=0"], "pool.num_actors must be at least 1"),
+    ("merge_labels", ["p=0"], "p must be at least 1"),
+])
+def test_job_ranges_are_checked_on_loading(tmp_path, capsys, job, overrides, key):
+    import jobs.cli
+
+    command = getattr(jobs.cli, job.upper())
+    base = {"annotate": ["input=[x]"], "synthesize": ["input=[x]"], "merge_labels": ["input=x"]}[job]
+    argv = [item for o in base + [f"output_dir={tmp_path / 'out'}"] + overrides for item in ("--set", o)]
+    assert commandline.main(command, argv, prog=job) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and key in err and "Traceback" not in err
+
+
+def test_pipeline_grid_ranges_are_checked_on_loading(tmp_path, monkeypatch, capsys):
+    status, err, started = _run_pipeline_main(
+        monkeypatch, capsys, ["--config", str(_pipeline_file(tmp_path, grid={"k_shot": [5, 0]}))])
+    assert status == 2 and len(err) == 1 and "grid.k_shot must be at least 1" in err[0] and not started
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["--sizes", "-5"], "sizes must be at least 1, got [-5]"),
+    (["--k-shot", "0"], "k_shot must be at least 1, got [0]"),
+    (["--sizes", "100000"], "subset size 100000 exceeds the 2 sentences available"),
+])
+def test_sample_sizes_are_checked(tmp_path, capsys, argv, key):
+    from knowfree_core.cli import main
+
+    data = ROOT / "tests" / "fixtures" / "bad_input" / "crlf.conll"
+    assert main(["sample", "--data", str(data), "--out", str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and key in err and not (tmp_path / "out").exists()

@@ -340,3 +340,32 @@ def test_char_mode_pools_a_multi_character_unit_instead_of_failing(tmp_path):
     out = encoder([["张", "\ufffd\ufffd", "三"], ["北", "京"]])
     assert out.hidden.shape[:2] == (2, 3)
     assert out.mask.tolist() == [[True, True, True], [True, True, False]]
+
+
+def _space_unit_tokenizers(tmp_path: Path):
+    from transformers import AutoTokenizer
+
+    from knowfree_core.encoders.units import UnitTokenizer
+
+    folders = [build_random_encoder(tmp_path / "enc", CHARS, hidden=16, layers=1, heads=2)]
+    converted = e5_offline.default_cache_root() / e5_offline.E5_SUBDIR
+    if e5_offline._is_converted(converted):  # the real vocabulary, when it is already on disk
+        folders.append(converted)
+    for folder in folders:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        for mode in ("char", "word"):
+            yield UnitTokenizer(tokenizer, 64, mode)
+
+
+def test_space_and_invisible_units_keep_a_piece_and_their_offsets(tmp_path):
+    # U+3000 / U+00A0 / U+200B / a lone combining accent: units the tokenizer may map to no
+    # piece at all. Each must still be fed one piece (or more) and pooled, or the unit vectors
+    # would shift against the span offsets read from the file.
+    units = ["张", "\u3000", "\u00a0", "\u200b", "\u0301", "e\u0301", "三"]
+    for tokenizer in _space_unit_tokenizers(tmp_path):
+        pieces = tokenizer.unit_pieces(units)
+        assert all(len(p.ids) > p.pool_start for p in pieces), (tokenizer.mode, pieces)
+        batch = tokenizer.encode([units, ["张"]])
+        assert batch["unit_mask"][0].tolist() == [True] * len(units)
+        firsts = batch["piece_index"][0, :, 0].tolist()
+        assert firsts == sorted(set(firsts)), tokenizer.mode  # one distinct piece per unit, in order

@@ -271,3 +271,15 @@ def test_an_llm_in_the_list_runs_next_to_an_offline_tool(ray_cluster, llm_stub, 
     row = json.loads(next((tmp_path / "job" / "rows").glob("*.json")).read_text(encoding="utf-8").splitlines()[0])
     assert json.loads(row["prompt_versions"]) == {"llm/ent": "ent-zh-v1"}
     assert "测试" in json.loads(row["raw_answers"])["llm/ent"]
+
+
+def test_a_plugin_that_is_no_annotator_is_a_one_line_error_and_never_runs(tmp_path, capsys):
+    from jobs.cli import ANNOTATE
+    from knowfree_core.commandline import main
+
+    marker = tmp_path / "ran"
+    code = main(ANNOTATE, ["--set", f"input=[{SAMPLE}]", "--set", f"output_dir={tmp_path / 'job'}",
+                 "--set", "annotator=os:system", "--set", f"annotator_options.command=touch {marker}"])
+    err = capsys.readouterr().err
+    assert code == 2 and not marker.exists()
+    assert err.count("\n") == 1 and "annotator: 'os:system' is not a subclass" in err and "Traceback" not in err

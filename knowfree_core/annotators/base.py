@@ -226,6 +226,7 @@ _REGISTRY = LazyRegistry(
     what="annotator",
     plural="annotators",
     open=True,
+    base=Annotator,
 )
 
 

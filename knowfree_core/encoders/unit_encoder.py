@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple, Union, cast
 
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..state_files import check_safetensors_in, load_safetensors, read_json_object
 from .e5_offline import SpecialTokens, build_unigram_tokenizer, resolve_model_path, wrap_tokenizer
 from .units import METASPACE, POOLINGS, UnitMode, UnitTokenizer, pool_pieces
 
@@ -114,6 +115,8 @@ def _load_transformer(path: str, with_weights: bool) -> nn.Module:
             "files can run code when loaded. Convert once from a trusted copy: "
             "AutoModel.from_pretrained(path).save_pretrained(path, safe_serialization=True)"
         )
+    if with_weights and Path(path).is_dir():
+        check_safetensors_in(path)  # a pickle under a .safetensors name: one line, not a traceback
     # No pooler: it is unused here, and an unused parameter breaks DDP.
     try:
         if with_weights:
@@ -286,14 +289,12 @@ class UnitEncoder(nn.Module):
         folder = Path(directory)
         saved: dict[str, Any] = {}
         if (folder / OPTIONS_FILE).is_file():
-            saved = json.loads((folder / OPTIONS_FILE).read_text())
+            saved = read_json_object(folder / OPTIONS_FILE, [f.name for f in fields(UnitEncoderOptions)])
         saved.update(options)
         saved.setdefault("load_weights", _has_transformer_weights(folder))
         encoder = cls(str(folder), **saved)
         if encoder.mix is not None and (folder / MIX_FILE).is_file():
-            from safetensors.torch import load_file
-
-            encoder.mix.load_state_dict(load_file(str(folder / MIX_FILE)))
+            encoder.mix.load_state_dict(load_safetensors(folder / MIX_FILE))
         return encoder
 
 

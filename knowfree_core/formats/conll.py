@@ -45,6 +45,8 @@ _POSITION = re.compile(r"^(0|[1-9][0-9]*)$")
 # character CoNLL. Not 100%: real character files contain a few multi-character units
 # (Weibo has "\ufffd\ufffd", a broken emoji), and English has far fewer one-letter tokens.
 _CHAR_LEVEL_SHARE = 0.9
+# Blanks that pad columns; other Unicode spaces (U+3000, U+00A0, ...) can be units.
+_ASCII_BLANKS = " \t\r\f\v"
 
 
 @dataclass
@@ -67,14 +69,17 @@ def default_id(path: str | Path, index: int) -> str:
 
 def _split_columns(line: str, path: str, number: int, level: str | None) -> tuple[str, str]:
     # A tab separates columns when present (so a unit may even be a space); otherwise runs
-    # of spaces do, as in CoNLL-2003.
-    columns = line.split("\t") if "\t" in line else line.split()
+    # of ASCII spaces do, as in CoNLL-2003. Only ASCII blanks separate: public Chinese
+    # corpora have lines whose *character* is an ideographic (U+3000) or no-break (U+00A0)
+    # space, which str.split() would swallow, leaving one column.
+    columns = line.split("\t") if "\t" in line else [c for c in line.split(" ") if c]
     expected = "TOKEN ... TAG" if level == "token" else "CHAR<TAB>TAG"
     if len(columns) < 2:
         raise DataFormatError(path, number, f"missing column in {line!r}", expected)
     unit, tag = columns[0], columns[-1].strip()
-    if unit.strip():
-        unit = unit.strip()
+    # Stray ASCII blanks around a tab-separated unit are padding; a unit made only of blanks
+    # (or of non-ASCII spaces) is itself the character.
+    unit = unit.strip(_ASCII_BLANKS) or unit
     if not unit or not tag:
         raise DataFormatError(path, number, f"empty column in {line!r}", expected)
     return unit, tag
@@ -273,7 +278,8 @@ def write_conll(
         positions = _positions(sentence) if position_digits else None
         dropped += len(sentence.extension_spans) if not position_digits else 0
         for i, (unit, tag) in enumerate(zip(sentence.units, tags)):
-            if not unit or any(c in unit for c in "\t\n\r") or (separator != "\t" and unit != unit.strip()):
+            # Only ASCII blanks separate columns on reading, so only they cannot sit in a unit.
+            if not unit or any(c in unit for c in "\t\n\r") or (separator != "\t" and " " in unit):
                 raise ValueError(f"sentence {sentence.id!r}: unit {unit!r} cannot be written to a CoNLL column")
             column = f"{unit}{positions[i]}" if positions is not None else unit
             lines.append(f"{column}{separator}{tag}")

@@ -16,7 +16,11 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from knowfree_core.bounds import COUNT, NON_NEGATIVE, POSITIVE, Bound, check_bounds
 from knowfree_core.registry import LazyRegistry
+
+#: top_p and gpu_memory_utilization: a share of something, where 0 leaves nothing.
+_SHARE = Bound(low=0, high=1, low_open=True, text="in (0, 1]")
 
 #: One chat prompt: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
 ChatPrompt = list[dict[str, str]]
@@ -32,6 +36,9 @@ class GenerationParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_bounds("generation", self, {"max_tokens": COUNT, "temperature": NON_NEGATIVE, "top_p": _SHARE})
 
     def cache_key(self) -> str:
         return f"max_tokens={self.max_tokens};temperature={self.temperature};top_p={self.top_p};seed={self.seed};stop={list(self.stop)}"
@@ -104,6 +111,12 @@ class EngineConfig:
     gguf_file: str | None = None
     chat_template: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_bounds("engine", self, {
+            "max_concurrency": COUNT, "tensor_parallel_size": COUNT, "max_model_len": COUNT,
+            "max_retries": NON_NEGATIVE, "timeout_s": POSITIVE, "gpu_memory_utilization": _SHARE,
+        })
 
     def answer_settings(self) -> dict[str, Any]:
         """The settings that decide the answers (all but the :data:`SPEED_ONLY` fields): what
@@ -182,6 +195,8 @@ _ENGINES = LazyRegistry(
     },
     what="LLM engine",
     plural="engines",
+    base=LLMEngine,
+    key="engine.kind",
 )
 
 

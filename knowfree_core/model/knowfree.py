@@ -12,12 +12,12 @@ A saved model is a directory that loads without the training code's config files
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -27,6 +27,7 @@ from ..encoders.unit_encoder import UnitEncoder
 from ..errors import KnowFreeError
 from ..labels import LabelVocab
 from ..records import Sentence, Span
+from ..state_files import load_safetensors, read_json_object, refuse_unknown_keys
 from .head import KnowFreeHead, span_grid_mask
 from .loss import extension_label_weights, extension_weight_factor, label_weight_vector, span_bce_loss
 from .targets import build_span_targets
@@ -57,6 +58,21 @@ def _current_model_options(saved: dict) -> dict:
     if fixed is not None:
         options.update(alpha_scheme="uniform", alpha_scale=fixed)
     return options
+
+
+_MANIFEST_KEYS = ("format_version", "model", "encoder")
+
+
+def _manifest_section(path: Path, section: str, schema: type, values: Any, upgrade=dict) -> Any:
+    """``schema(**upgrade(values))``; an unknown key or a value the schema refuses is an error
+    naming the file (``upgrade`` renames keys older versions wrote)."""
+    if isinstance(values, dict):
+        values = upgrade(values)
+    values = refuse_unknown_keys(path, values, [f.name for f in fields(schema)], section)
+    try:
+        return schema(**values)
+    except (TypeError, ValueError) as error:
+        raise KnowFreeError(f"{path}: {section}: {error}") from None
 
 
 class KnowFreeModel(nn.Module):
@@ -212,19 +228,20 @@ class KnowFreeModel(nn.Module):
         manifest_path = directory / "knowfree.json"
         if not manifest_path.is_file():
             raise KnowFreeError(f"{directory} is not a KnowFREE model directory (no knowfree.json)")
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = read_json_object(manifest_path, _MANIFEST_KEYS)
         if manifest.get("format_version") != FORMAT_VERSION:
             raise KnowFreeError(
                 f"{manifest_path}: format_version {manifest.get('format_version')} is not supported "
                 f"(this version reads {FORMAT_VERSION})"
             )
-        model_config = ModelConfig(**_current_model_options(manifest["model"]))
-        encoder_config = EncoderConfig(**manifest["encoder"])
+        model_config = _manifest_section(manifest_path, "model", ModelConfig, manifest.get("model", {}),
+                                         _current_model_options)
+        encoder_config = _manifest_section(manifest_path, "encoder", EncoderConfig, manifest.get("encoder", {}))
         # The saved encoder directory carries its own options (depth already truncated, layers,
         # pooling, unit mode) and weights, including the learned layer mix.
         encoder = UnitEncoder.from_pretrained(directory / "encoder")
         vocab = LabelVocab.load(directory / "labels.json")
         head = cls._build_head(encoder.hidden_size, len(vocab), model_config)
-        head.load_state_dict(load_file(directory / "head.safetensors"))
+        head.load_state_dict(load_safetensors(directory / "head.safetensors"))
         model = cls(encoder, head, vocab, model_config, encoder_config)
         return model.to(device).eval()
