@@ -37,13 +37,17 @@ class RayConfig:
         check_bounds("ray", self, {"num_cpus": COUNT, "object_store_mb": COUNT})
 
 
-def init_ray(config: RayConfig, min_cpus: float = 0.0) -> None:
+def init_ray(config: RayConfig, min_cpus: float = 0.0,
+             settings: str = "pool.num_actors or pool.cpus_per_actor") -> None:
     """Connect to the configured cluster, or start a local one.
 
     ``min_cpus``: the CPU slots the job's pipeline needs at once (actors, read tasks, Ray
     Data's checkpoint filter). A local cluster gets at least that many logical CPUs: with
-    fewer, Ray Data waits forever for a slot that busy actors never free. On a remote
-    cluster a shortfall is only logged.
+    fewer, Ray Data waits forever for a slot that busy actors never free. A cluster this
+    process started (``ray.init()`` here, by the job or by its caller) has no autoscaler: a
+    shortfall there would hang, so it fails at once naming ``settings`` (the config keys that
+    lower the need). On a connected cluster an autoscaler may add nodes: a shortfall is only
+    logged.
     """
     try:
         import ray
@@ -55,13 +59,30 @@ def init_ray(config: RayConfig, min_cpus: float = 0.0) -> None:
         _start_or_connect(config, min_cpus, output)
     _quiet_ray_data(output)
     available = ray.cluster_resources().get("CPU", 0.0)
+    if available < min_cpus and _started_here():
+        raise KnowFreeError(
+            f"the local Ray cluster has {available:g} CPUs but this job's pipeline needs {min_cpus:g} at "
+            f"once, and no autoscaler can add any: lower {settings}, or give the cluster more "
+            f"(ray.num_cpus when the job starts it)"
+        )
     if available < min_cpus:
         logger.warning(
             "the cluster has %.2f CPUs but this job's pipeline needs %.2f at once; it may stall "
-            "until the autoscaler adds nodes (lower pool.num_actors or pool.cpus_per_actor)",
+            "until the autoscaler adds nodes (lower %s)",
             available,
             min_cpus,
+            settings,
         )
+
+
+def _started_here() -> bool:
+    """Whether this process started the Ray cluster (a local ``ray.init()``): its head node then
+    runs in this process's session, with no autoscaler to add nodes. A driver connected to a
+    running cluster holds a non-head node handle."""
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    return bool(getattr(node, "head", False))
 
 
 def _start_or_connect(config: RayConfig, min_cpus: float, output: OutputSettings) -> None:

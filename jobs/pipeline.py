@@ -500,7 +500,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     out = Path(config.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cells = grid_cells(config)
-    init_ray(config.ray, min_cpus=config.train_resources.num_cpus)
+    init_ray(config.ray, min_cpus=config.train_resources.num_cpus, settings="train_resources.num_cpus")
     results: dict[str, dict] = {}
     for name, overrides in cells:
         train_config = load_config(config.train_config, list(config.train_overrides) + overrides)

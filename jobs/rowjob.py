@@ -166,7 +166,8 @@ def map_rows_with_actors(
     from ray.data.checkpoint import CheckpointConfig
 
     # actors + one read task + the checkpoint filter actor Ray Data adds on resume
-    init_ray(ray_config, min_cpus=pool.num_actors * pool.cpus_per_actor + pool.read_cpus + 1.0)
+    init_ray(ray_config, min_cpus=pool.num_actors * pool.cpus_per_actor + pool.read_cpus + 1.0,
+             settings="pool.num_actors, pool.cpus_per_actor or pool.read_cpus")
     context = ray.data.DataContext.get_current()
     context.checkpoint_config = CheckpointConfig(
         id_column="id", checkpoint_path=str(paths.checkpoint), delete_checkpoint_on_success=False

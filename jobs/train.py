@@ -154,7 +154,8 @@ def _run(config: KnowFreeConfig, run_dir: Path, ray_config: RayConfig, callbacks
     data = prepare_data(config, run_dir, has_checkpoint=resuming)
     if resuming:
         logger.info("Ray Train run %s/%s has checkpoints: it continues from the latest", storage_path, name)
-    init_ray(ray_config, min_cpus=settings.num_workers * worker_resources(config).get("CPU", 0.0))
+    init_ray(ray_config, min_cpus=settings.num_workers * worker_resources(config).get("CPU", 0.0),
+             settings="ray_train.num_workers or ray_train.resources_per_worker")
 
     result = make_trainer(config, data, callbacks, fail_after_epoch=fail_after_epoch()).fit()
     if getattr(result, "error", None) is not None:

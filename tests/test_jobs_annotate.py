@@ -283,3 +283,27 @@ def test_a_plugin_that_is_no_annotator_is_a_one_line_error_and_never_runs(tmp_pa
     err = capsys.readouterr().err
     assert code == 2 and not marker.exists()
     assert err.count("\n") == 1 and "annotator: 'os:system' is not a subclass" in err and "Traceback" not in err
+
+
+def test_a_pool_larger_than_a_fixed_local_cluster_fails_at_once(tmp_path):
+    """A local ray.init() cluster (no autoscaler) of 1 CPU and a pool needing 2 actors of 1 CPU:
+    the job must not wait forever for slots; it fails with one line naming the keys to lower."""
+    script = (
+        "import sys, ray\n"
+        "ray.init(num_cpus=1, include_dashboard=False, object_store_memory=128 * 1024**2, log_to_driver=False)\n"
+        "from knowfree_core import commandline\n"
+        "from jobs.cli import ANNOTATE\n"
+        "sys.exit(commandline.main(ANNOTATE, sys.argv[1:]))\n"
+    )
+    overrides = [f"input=[{SAMPLE}]", f"output_dir={tmp_path / 'job'}", "steps=[seg]",
+                 "annotator=job_annotators:FirstCharAnnotator", "pool.num_actors=2", "pool.cpus_per_actor=1"]
+    command = [sys.executable, "-c", script] + [arg for value in overrides for arg in ("--set", value)]
+    tests_dir = str(REPO / "tests")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONPATH": os.pathsep.join([str(REPO), tests_dir, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(errors) == 1 and "needs 3.25 at once" in errors[0] and "pool.num_actors" in errors[0], done.stderr[-2000:]
+    assert "has 1 CPUs" in errors[0]
+    assert not (tmp_path / "job" / "annotated.jsonl").exists()

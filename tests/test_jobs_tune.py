@@ -150,6 +150,65 @@ def test_a_changed_search_is_not_restored_into_the_experiment(search, tmp_path):
         main(["--config", str(config)])
 
 
+class _Touch:
+    """A pickle that creates a file when it is loaded: stands for code planted in tuner.pkl."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+def _plant_tuner_pickle(experiment, ran):
+    import pickle
+
+    experiment.mkdir(parents=True, exist_ok=True)
+    (experiment / "tuner.pkl").write_bytes(pickle.dumps(_Touch(str(ran))))
+    (experiment / "tuner.pkl").chmod(0o644)
+
+
+def test_a_planted_experiment_without_the_marker_is_never_unpickled(train_config_file, tmp_path):
+    import pickle
+
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(_Touch(str(probe))))
+    assert probe.exists()  # the payload does run when unpickled
+
+    ran = tmp_path / "ran"
+    _plant_tuner_pickle(tmp_path / "out" / "tune", ran)
+    config = write_tune_config(tmp_path / "tune.yaml", train_config_file, tmp_path / "out")
+    with pytest.raises(ConfigError, match="knowfree_experiment.json"):
+        main(["--config", str(config)])
+    assert not ran.exists()
+
+
+def test_an_experiment_folder_others_can_write_is_not_restored(train_config_file, tmp_path):
+    import os
+
+    from jobs.tune.restore import mark_experiment
+
+    if os.name != "posix":
+        pytest.skip("mode bits are POSIX")
+    config = write_tune_config(tmp_path / "tune.yaml", train_config_file, tmp_path / "out")
+    experiment = tmp_path / "out" / "tune"
+    mark_experiment(load_tune_config(config), experiment)  # as if this job had created it
+    ran = tmp_path / "ran"
+    _plant_tuner_pickle(experiment, ran)
+    experiment.chmod(0o775)  # group-writable: the group could have replaced tuner.pkl
+    with pytest.raises(ConfigError, match="writable by group or others"):
+        main(["--config", str(config)])
+    assert not ran.exists()
+
+    experiment.chmod(0o755)
+    (experiment / "tuner.pkl").chmod(0o666)
+    with pytest.raises(ConfigError, match="tuner.pkl is writable by group or others"):
+        main(["--config", str(config)])
+    assert not ran.exists()
+
+
 def test_failed_trials_resume_from_their_checkpoints(ray_cluster, train_config_file, tmp_path, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setenv(FAIL_AFTER_EPOCH, "2")

@@ -12,7 +12,7 @@ from ..common import init_ray
 from ..fault_injection import fail_after_epoch
 from .best_trial import cached_best_metrics, evaluate_best_trial, write_best_config
 from .report import TuneSummary, result_row, write_tables
-from .restore import EXPERIMENT, record_search
+from .restore import EXPERIMENT, check_restorable, mark_experiment, record_search, seal_experiment
 from .schema import TuneJobConfig
 from .search_space import check_search_space, to_param_space
 from .trials import TrialSetup, make_trainable
@@ -75,7 +75,9 @@ def run_tune(job: TuneJobConfig) -> TuneSummary:
     out = Path(job.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     experiment = out / EXPERIMENT
-    restoring = tune.Tuner.can_restore(experiment)
+    restoring = tune.Tuner.can_restore(experiment)  # only looks for tuner.pkl; unpickles nothing
+    if restoring:
+        check_restorable(job, experiment)  # before Ray unpickles anything in the folder
 
     base = load_config(job.train_config, list(job.train_overrides))
     if not base.data.dev and base.data.dev_from_train is None:
@@ -98,13 +100,15 @@ def run_tune(job: TuneJobConfig) -> TuneSummary:
         cpus=job.resources_per_trial.cpu,
         fail_after_epoch=fail_after_epoch(),
     )
-    init_ray(job.ray, min_cpus=_cpus_at_once(job, base))
+    init_ray(job.ray, min_cpus=_cpus_at_once(job, base),
+             settings="resources_per_trial.cpu (ray_train trials: driver_cpu, the train config's ray_train.num_workers)")
 
     trainable = make_trainable(job, setup)
     if restoring:
         logger.info("restoring the experiment in %s: unfinished and errored trials continue", experiment)
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
     else:
+        mark_experiment(job, experiment)
         tuner = tune.Tuner(
             trainable,
             param_space=to_param_space(space),
@@ -116,7 +120,10 @@ def run_tune(job: TuneJobConfig) -> TuneSummary:
                 verbose=1,
             ),
         )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:  # also after a failed fit: the rerun that resumes it checks tuner.pkl's mode
+        seal_experiment(experiment)
     return summarise(job, base, data, grid, out, list(space))
 
 
