@@ -59,20 +59,21 @@ def init_ray(config: RayConfig, min_cpus: float = 0.0,
         _start_or_connect(config, min_cpus, output)
     _quiet_ray_data(output)
     available = ray.cluster_resources().get("CPU", 0.0)
-    if available < min_cpus and _started_here():
+    if available >= min_cpus:
+        return
+    if _started_here():
         raise KnowFreeError(
             f"the local Ray cluster has {available:g} CPUs but this job's pipeline needs {min_cpus:g} at "
             f"once, and no autoscaler can add any: lower {settings}, or give the cluster more "
             f"(ray.num_cpus when the job starts it)"
         )
-    if available < min_cpus:
-        logger.warning(
-            "the cluster has %.2f CPUs but this job's pipeline needs %.2f at once; it may stall "
-            "until the autoscaler adds nodes (lower %s)",
-            available,
-            min_cpus,
-            settings,
-        )
+    logger.warning(
+        "the cluster has %.2f CPUs but this job's pipeline needs %.2f at once; it may stall "
+        "until the autoscaler adds nodes (lower %s)",
+        available,
+        min_cpus,
+        settings,
+    )
 
 
 def _started_here() -> bool:

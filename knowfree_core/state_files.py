@@ -61,10 +61,15 @@ def check_safetensors_in(folder: str | Path) -> None:
 
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``path``; a file that is no safetensors file is one line naming it (the
+    loader reads the header itself, so it is not opened twice)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    check_safetensors(path)
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        raise KnowFreeError(f"{path}: not a safetensors file ({error})") from None
 
 
 def read_json_object(path: str | Path, known: Iterable[str]) -> dict[str, Any]:

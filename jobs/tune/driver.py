@@ -12,7 +12,7 @@ from ..common import init_ray
 from ..fault_injection import fail_after_epoch
 from .best_trial import cached_best_metrics, evaluate_best_trial, write_best_config
 from .report import TuneSummary, result_row, write_tables
-from .restore import EXPERIMENT, check_restorable, mark_experiment, record_search, seal_experiment
+from .restore import EXPERIMENT, check_restorable, mark_experiment, save_job_config, seal_experiment
 from .schema import TuneJobConfig
 from .search_space import check_search_space, to_param_space
 from .trials import TrialSetup, make_trainable
@@ -86,7 +86,7 @@ def run_tune(job: TuneJobConfig) -> TuneSummary:
     if base.encoder.name and Path(base.encoder.name).exists():
         base.encoder.name = str(Path(base.encoder.name).resolve())
     space = check_search_space(dict(job.search_space), base, job.search_alg)
-    record_search(job, out, restoring)
+    save_job_config(job, out)
 
     # Once for every trial (a changed base config with an existing experiment is refused here).
     (out / "data").mkdir(exist_ok=True)

@@ -1,7 +1,7 @@
-"""The restore guards: the job config is kept next to the Tune experiment, and a rerun that would
-restore it with another search is refused (its trials would mix two searches); an experiment
-folder the job did not create, or one others could write, is never restored (restoring unpickles
-it: the folder is trusted like code)."""
+"""The restore guards: a rerun that would restore the Tune experiment with another search is
+refused (its trials would mix two searches), and an experiment folder the job did not create, or
+one others could write, is never restored (restoring unpickles it: the folder is trusted like
+code)."""
 
 from __future__ import annotations
 
@@ -24,17 +24,11 @@ SEARCH_DEFINITION = ("train_config", "train_overrides", "search_space", "num_sam
                      "search_alg", "seed", "trial_runner")
 
 
-def record_search(job: TuneJobConfig, out: Path, restoring: bool) -> None:
-    """Keep the job config next to the experiment; a restore must not change the search."""
+def save_job_config(job: TuneJobConfig, out: Path) -> None:
+    """Keep the job config next to the experiment (for the reader; a restore compares the search
+    with the experiment's marker, :func:`check_restorable`)."""
     saved = out / "tune_config.yaml"
-    current = structured_to_dict(job)
-    if restoring and saved.is_file():
-        previous = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
-        changed = [key for key in SEARCH_DEFINITION if previous.get(key) != current.get(key)]  # type: ignore[union-attr]
-        if changed:
-            raise ConfigError(f"{out / EXPERIMENT} holds an experiment with another search (changed: "
-                              f"{', '.join(changed)}); choose a new output_dir or delete {out}")
-    saved.write_text(OmegaConf.to_yaml(OmegaConf.create(current)), encoding="utf-8")
+    saved.write_text(OmegaConf.to_yaml(OmegaConf.create(structured_to_dict(job))), encoding="utf-8")
 
 
 # The marker this job writes into every experiment folder it creates. Ray's Tuner.restore
