@@ -46,8 +46,9 @@ def _synthesize(args: argparse.Namespace) -> int:
 
 
 def _pipeline_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--variant", help="overrides the config's variant: F, FS, noext, biaffine, an ablation "
-                                          "(F-noent, F-nopos, F-nomerge, F-cnn) or a custom one")
+    add_override_flag(parser, "--variant", "variant",
+                      help="overrides the config's variant: F, FS, noext, biaffine, an ablation "
+                           "(F-noent, F-nopos, F-nomerge, F-cnn) or a custom one")
 
 
 def _pipeline(args: argparse.Namespace) -> int:
@@ -55,8 +56,7 @@ def _pipeline(args: argparse.Namespace) -> int:
 
     from .pipeline import PipelineConfig, run_pipeline
 
-    overrides = list(args.overrides) + ([f"variant={args.variant}"] if args.variant else [])
-    run_pipeline(load_structured(PipelineConfig, args.config, overrides))
+    run_pipeline(load_structured(PipelineConfig, args.config, args.overrides))
     return 0
 
 

@@ -205,7 +205,7 @@ Job = TypeVar("Job")
 def _job_config(schema: type[Job], settings: Any, **fixed: Any) -> Job:
     """A stage's job config: the pipeline's typed section for the stage (a copy, so a job
     cannot change the pipeline's) plus what the pipeline fixes (paths, Ray)."""
-    values = {f.name: copy.deepcopy(getattr(settings, f.name)) for f in fields(settings)}
+    values = copy.deepcopy(schema_fields(settings, type(settings)))
     return schema(**(values | fixed))
 
 
