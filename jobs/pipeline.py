@@ -13,6 +13,13 @@ Variants of one training subset (one *cell*):
     frozen F model labels the target entities of the synthetic sentences, ``jobs.annotate``
     adds their extension labels (renamed by F's label map), and KnowFREE is trained again on
     the fused plus the synthetic samples, the latter weighted by ``model.beta``.
+``FU`` (self-training; not in the paper)
+    F, then its frozen model labels an unlabelled in-domain pool (``unlabeled.input``) through
+    ``jobs.predict``; the sentences it is sure of (``unlabeled.rule``,
+    knowfree_core.self_training) get their extension labels from ``jobs.annotate`` (renamed by
+    F's label map), and KnowFREE is trained again on the fused plus these pseudo-labelled
+    samples, the latter weighted by ``model.beta_unlabeled``. ``unlabeled.rounds: N`` labels
+    the pool again with each newer model. ``FSU``: FS's synthetic samples and FU's pool together.
 ``noext``, ``biaffine``
     the ablations: no extension labels; and no local attention either.
 ``F-noent``, ``F-nopos``, ``F-nomerge``, ``F-cnn``
@@ -30,6 +37,9 @@ synthesis and training also resume inside the stage):
       synthesize/          synthetic.jsonl, labeled/labeled.jsonl, answers.sqlite
       synthetic_annotate/  extension labels of the synthetic sentences
       train_fs_data.jsonl  fused + synthetic samples (synthetic ones flagged)
+      predict_unlabeled/   the pool labelled by F's model (jobs.predict; _r2 ... for later rounds)
+      pseudo.jsonl pseudo_annotate/   the kept pseudo-labelled sentences and their extension labels
+      train_fu_data.jsonl train_fu/   fused + pseudo samples, and FU's model (train_fu_r2 ...)
       train_fs/ train_noext/ train_biaffine/
       cell.json            every stage's summary and the scores
 
@@ -55,6 +65,7 @@ from .annotate import AnnotateJobConfig, AnnotateSettings, run_annotation
 from .cli import PIPELINE
 from .common import RayConfig, init_ray
 from .merge_labels import MergeJobConfig, MergeSettings, run_merge
+from .predict import PredictJobConfig, run_prediction
 from .rowjob import PoolConfig
 from .synthesize import LabelStage, SynthesizeJobConfig, run_synthesis, sampling_defaults
 from knowfree_core import commandline
@@ -64,9 +75,11 @@ from knowfree_core.errors import ConfigError
 from knowfree_core.formats import read_dataset, write_dataset
 from knowfree_core.llm.engine import EngineConfig, GenerationParams
 from knowfree_core.merging import LabelMap, apply_label_map
+from knowfree_core.records import Sentence
 from knowfree_core.report.document import markdown_table
 from knowfree_core.run import load_pool_and_dev, load_split, run_training, select_training_sentences
 from knowfree_core.safe_paths import child_path, plain_name
+from knowfree_core.self_training import PseudoLabelRule, select_pseudo_labeled
 from knowfree_core.synthesis import SynthesisSettings
 
 logger = logging.getLogger("jobs.pipeline")
@@ -79,9 +92,10 @@ ABLATIONS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     "F-nomerge": ("annotated", (), {}),
     "F-cnn": ("fused", (), {"grid_mixer": "cnn"}),
 }
-VARIANTS = ("F", "FS", "noext", "biaffine", *ABLATIONS)
+VARIANTS = ("F", "FS", "FU", "FSU", "noext", "biaffine", *ABLATIONS)
 #: Each variant's training folder in a cell.
-TRAIN_DIRS = {"F": "train", "FS": "train_fs", "noext": "train_noext", "biaffine": "train_biaffine"} | {
+TRAIN_DIRS = {"F": "train", "FS": "train_fs", "FU": "train_fu", "FSU": "train_fsu", "noext": "train_noext",
+              "biaffine": "train_biaffine"} | {
     name: "train_" + name.lower().replace("-", "_") for name in ABLATIONS
 }
 
@@ -150,6 +164,29 @@ class SynthesisStage:
 
 
 @dataclass
+class UnlabeledStage:
+    """Self-training (variants FU and FSU): the unlabelled in-domain pool and how its
+    pseudo-labelled sentences are chosen. The pool is read as ``jobs.predict`` reads its input."""
+
+    #: Dataset files (their labels are ignored) or folders of raw text, one sentence a line.
+    input: List[str] = field(default_factory=list)
+    format: Optional[str] = None
+    read_options: Dict[str, Any] = field(default_factory=dict)
+    joiner: str = ""  # raw text: "" splits characters (zh), " " whitespace tokens (en)
+    #: Leave out pool sentences whose text is one of the cell's gold training sentences (a pool
+    #: that is the rest of the training corpus holds the subset too).
+    exclude_training_sentences: bool = True
+    rule: PseudoLabelRule = field(default_factory=PseudoLabelRule)
+    #: Label the pool again with each round's newer model and retrain (1: F's labels only).
+    rounds: int = 1
+    #: The prediction actors (jobs.predict's pool).
+    pool: PoolConfig = field(default_factory=lambda: PoolConfig(num_actors=1, batch_size=32))
+
+    def __post_init__(self) -> None:
+        check_bounds("unlabeled", self, {"rounds": COUNT})
+
+
+@dataclass
 class GridConfig:
     """Several training subsets: one cell per (k or size, seed). Empty: one cell, the train
     config's own subset."""
@@ -179,6 +216,7 @@ class CellSettings:
     #: Skip merging (e.g. offline annotators whose labels are already standard).
     merge_labels: bool = True
     synthesis: SynthesisStage = field(default_factory=SynthesisStage)
+    unlabeled: UnlabeledStage = field(default_factory=UnlabeledStage)
     train_resources: TrainResources = field(default_factory=TrainResources)
     #: Named variants beyond the built-in ones (name -> VariantSpec), usable in ``variant`` and
     #: ``grid.variants``; a name is a plain folder name and must not shadow a built-in variant.
@@ -367,6 +405,65 @@ class Cell:
         self.stages["synthetic_sentences"] = len(synthetic)
         return out
 
+    def pseudo_labeled(self, model_dir: Path, round_number: int) -> list[Sentence]:
+        """Self-training: the pool labelled by the model in ``model_dir``, the sentences the
+        rule keeps, with their extension labels (renamed by F's label map), flagged
+        ``pseudo_labeled``. Round 1's folders are ``predict_unlabeled/``, ``pseudo.jsonl`` and
+        ``pseudo_annotate/``; later rounds add ``_r2`` ...."""
+        stage = self.config.unlabeled
+        if not stage.input:
+            raise ConfigError("variants FU and FSU need unlabeled.input: the unlabelled in-domain sentences")
+        tag = f"_r{round_number}" if round_number > 1 else ""
+        predictions = self.predict(model_dir, self.root / f"predict_unlabeled{tag}")
+        gold = [s.text for s in read_dataset(self.subset(), format="jsonl")] if stage.exclude_training_sentences else []
+        with open(predictions, encoding="utf-8") as handle:
+            selection = select_pseudo_labeled((json.loads(line) for line in handle if line.strip()), stage.rule, gold)
+        self.stages[f"pseudo{tag}"] = selection.to_dict()
+        if not selection.samples:
+            logger.warning("self-training round %d: no pool sentence passed the rule (%s)", round_number,
+                           selection.counts)
+            return []
+        chosen = self.root / f"pseudo{tag}.jsonl"
+        write_dataset(selection.samples, chosen)
+        annotated = read_dataset(self.annotate(chosen, self.root / f"pseudo_annotate{tag}"), format="jsonl")
+        label_map_path = self.root / "merge" / "label_map.json"
+        if self.config.merge_labels and label_map_path.exists():
+            annotated = apply_label_map(annotated, LabelMap.load(label_map_path))
+        # jobs.annotate writes the records it read; the flag is set again so that it holds
+        # whatever the annotation keeps.
+        return [replace(s, pseudo_labeled=True, synthetic=False) for s in annotated]
+
+    def predict(self, model_dir: Path, out: Path) -> Path:
+        """The unlabelled pool labelled by ``model_dir`` (jobs.predict, resumable); returns the
+        prediction rows' file."""
+        stage = self.config.unlabeled
+        config = PredictJobConfig(
+            input=list(stage.input), format=stage.format, read_options=dict(stage.read_options),
+            joiner=stage.joiner, model=str(model_dir), output_dir=str(out), pool=copy.deepcopy(stage.pool),
+            ray=self.config.ray,
+        )
+        summary = run_prediction(config)
+        self.stages[out.name] = summary
+        return Path(summary["predictions"])
+
+    def self_trained(self, variant: str, base_file: Path) -> dict:
+        """FU (``base_file`` = fused) or FSU (fused + synthetic): ``unlabeled.rounds`` rounds of
+        labelling the pool and training on ``base_file`` plus the pseudo samples; the last
+        round's metrics."""
+        model_dir = self.root / TRAIN_DIRS["F"] / "model"
+        metrics: dict = {}
+        base = read_dataset(base_file, format="jsonl")
+        for round_number in range(1, self.config.unlabeled.rounds + 1):
+            tag = f"_r{round_number}" if round_number > 1 else ""
+            name = variant + tag.replace("_r", "-r")  # FU, FU-r2 ...
+            pseudo = self.pseudo_labeled(model_dir, round_number)
+            training_file = self.root / f"{train_dir(variant)}{tag}_data.jsonl"
+            write_dataset(base + pseudo, training_file)
+            self.stages[f"{name} pseudo_sentences"] = len(pseudo)
+            metrics = self.train(name if tag else variant, training_file)
+            model_dir = self.root / (train_dir(variant) + tag) / "model"
+        return metrics
+
     def ablation_data(self, variant: str, source: str, left_out: tuple[str, ...]) -> Path:
         """The training file of an ablation: the fused (or only annotated) samples without the
         extension spans whose source ends with one of ``left_out`` (``lac:ent`` for ``:ent``)."""
@@ -388,13 +485,19 @@ class Cell:
     def run(self, variants: List[str]) -> dict[str, dict]:
         self.root.mkdir(parents=True, exist_ok=True)
         scores: dict[str, dict] = {}
-        if "F" in variants or "FS" in variants:
+        if {"F", "FS", "FU", "FSU"} & set(variants):
             fused = self.fused()
-            # F is trained for FS too (its model labels the synthetic sentences): report it.
+            # F is trained for FS and FU too (its model labels their sentences): report it.
             scores["F"] = _scores(self.train("F", fused))
-            if "FS" in variants:
-                training_file = self.synthetic(fused, self.root / TRAIN_DIRS["F"] / "model")
-                scores["FS"] = _scores(self.train("FS", training_file))
+            f_model = self.root / TRAIN_DIRS["F"] / "model"
+            if "FS" in variants or "FSU" in variants:
+                training_file = self.synthetic(fused, f_model)
+                if "FS" in variants:
+                    scores["FS"] = _scores(self.train("FS", training_file))
+                if "FSU" in variants:
+                    scores["FSU"] = _scores(self.self_trained("FSU", training_file))
+            if "FU" in variants:
+                scores["FU"] = _scores(self.self_trained("FU", fused))
         for variant, (source, left_out, model_changes) in ABLATIONS.items():
             if variant in variants:
                 self.fused()  # annotate/ and merge/ (both are reused when already there)

@@ -116,6 +116,9 @@ class ModelConfig:
     # target label (Ĉ/C_i is large): on UD POS a 5-count LAC tag gets alpha 79 (bench/RESULTS.md).
     alpha_max: Optional[float] = None
     beta: float = 1.0  # weight of synthetic samples: L + beta * L_syn
+    # Weight of pseudo-labelled samples (self-training, variant FU), in eq. 14's form:
+    # L + beta * L_syn + beta_unlabeled * L_pseudo.
+    beta_unlabeled: float = 1.0
     decode: Literal["flat", "nested"] = "flat"
     threshold: float = 0.5
     max_span_length: Optional[int] = None
@@ -125,7 +128,7 @@ class ModelConfig:
             "ffn_size": COUNT, "grid_size": COUNT, "biaffine_heads": COUNT, "attn_heads": COUNT,
             "cnn_depth": COUNT, "max_span_length": COUNT,
             "window": NON_NEGATIVE,  # 0: no neighbours, as use_local_attention=false
-            "alpha_scale": NON_NEGATIVE, "alpha_max": NON_NEGATIVE, "beta": NON_NEGATIVE,
+            "alpha_scale": NON_NEGATIVE, "alpha_max": NON_NEGATIVE, "beta": NON_NEGATIVE, "beta_unlabeled": NON_NEGATIVE,
             # threshold: [0, 1] here, as saved models may hold 0 (score every span); a config's
             # stricter (0, 1) is validate_config's.
             "dropout": PROBABILITY, "threshold": PROBABILITY,

@@ -49,7 +49,15 @@ class Sentence:
     spans: list[Span] = field(default_factory=list)
     extension_spans: list[ExtensionSpan] = field(default_factory=list)
     synthetic: bool = False
+    #: Labelled by a trained model, not a person (self-training, variant FU): its spans are
+    #: the model's confident predictions, and its loss is weighted by ``model.beta_unlabeled``.
+    pseudo_labeled: bool = False
     joiner: str = ""  # "" for character-level languages, " " for token-level ones
+
+    @property
+    def sample_kind(self) -> str:
+        """``gold``, ``synthetic`` (pipeline 2) or ``pseudo`` (self-training): what weighs its loss."""
+        return "synthetic" if self.synthetic else "pseudo" if self.pseudo_labeled else "gold"
 
     @property
     def text(self) -> str:
@@ -78,6 +86,8 @@ class Sentence:
             "extension_spans": [s.to_dict() for s in self.extension_spans],
             "synthetic": self.synthetic,
         }
+        if self.pseudo_labeled:  # written only when set: gold and synthetic files stay as they were
+            record["pseudo_labeled"] = True
         # Units are only needed when the text cannot be split back unambiguously.
         if self.joiner not in ("",) or any(len(u) != 1 for u in self.units):
             record["units"] = list(self.units)
@@ -101,5 +111,6 @@ class Sentence:
                 for s in record.get("extension_spans", [])
             ],
             synthetic=bool(record.get("synthetic", False)),
+            pseudo_labeled=bool(record.get("pseudo_labeled", False)),
             joiner=joiner,
         )

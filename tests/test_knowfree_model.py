@@ -142,6 +142,22 @@ def test_extension_columns_get_alpha_and_synthetic_samples_get_beta(encoder_dir)
         weighted = model.loss(real + synthetic)
     assert weighted.item() == pytest.approx(as_real.item(), rel=1e-5)
 
+    # Pseudo-labelled samples (self-training) have their own weight, beta_unlabeled: 0 removes
+    # them as beta = 0 removes synthetic ones, whatever beta is.
+    pseudo = [Sentence(s.id + "-pseudo", s.units, s.spans, s.extension_spans, pseudo_labeled=True)
+              for s in train[2:4]]
+    model.config.beta_unlabeled = 0.0
+    with torch.no_grad():
+        mixed = model.loss(real + pseudo)
+    assert mixed.item() == pytest.approx(only_real.item() * len(real) / len(real + pseudo), rel=1e-5)
+    model.config.beta_unlabeled = 2.0
+    with torch.no_grad():
+        doubled = model.loss(real + pseudo)
+        as_gold = model.loss(real + [Sentence(s.id, s.units, s.spans, s.extension_spans) for s in pseudo])
+    assert doubled.item() > as_gold.item()
+    assert Sentence.from_dict(pseudo[0].to_dict()).pseudo_labeled
+    assert "pseudo_labeled" not in real[0].to_dict()  # gold files are written as before
+
 
 def test_linear_alpha_schedule_fades_extension_weights_as_training_advances(encoder_dir):
     from knowfree_core.config import TrainConfig

@@ -151,9 +151,8 @@ class KnowFreeModel(nn.Module):
             max_span_length=self.config.max_span_length,
             device=logits.device,
         ).targets
-        sample_weights = torch.tensor(
-            [self.config.beta if s.synthetic else 1.0 for s in batch], device=logits.device
-        )
+        weight_of = {"gold": 1.0, "synthetic": self.config.beta, "pseudo": self.config.beta_unlabeled}
+        sample_weights = torch.tensor([weight_of[s.sample_kind] for s in batch], device=logits.device)
         cell_mask = span_grid_mask(mask, self.config.max_span_length)
         return span_bce_loss(logits, targets, cell_mask, self.current_label_weights(), sample_weights)
 

@@ -1,0 +1,69 @@
+"""The self-training rule (variant FU): which predicted sentences become pseudo samples."""
+
+from __future__ import annotations
+
+import pytest
+
+from knowfree_core.errors import ConfigError
+from knowfree_core.self_training import PseudoLabelRule, select_pseudo_labeled
+
+
+def row(i: int, text: str, *scores: float) -> dict:
+    return {"id": f"u:{i}", "text": text,
+            "spans": [{"start": k, "end": k + 1, "label": "PER", "score": s} for k, s in enumerate(scores)]}
+
+
+ROWS = [
+    row(0, "张三来了", 0.95, 0.99),   # confident
+    row(1, "李四走了", 0.95, 0.6),    # one doubtful span: dropped whole
+    row(2, "天气很好"),               # empty
+    row(3, "王五在家", 0.92),         # confident
+    row(4, "下雨了"),                 # empty
+    row(5, "今天周一"),               # empty
+    row(6, "赵六笑了", 0.3),          # uncertain
+]
+
+
+def test_keeps_sentences_whose_every_span_is_confident_and_some_empty_ones():
+    selection = select_pseudo_labeled(ROWS, PseudoLabelRule(min_score=0.9, empty_ratio=0.5, seed=1))
+    ids = [s.id for s in selection.samples]
+    assert "u:0" in ids and "u:3" in ids
+    assert "u:1" not in ids and "u:6" not in ids  # a doubtful span drops the whole sentence
+    empties = [s for s in selection.samples if not s.spans]
+    assert len(empties) == 1  # 0.5 per confident sentence, 2 confident
+    assert all(s.pseudo_labeled for s in selection.samples)
+    assert ids == sorted(ids, key=lambda i: int(i.split(":")[1]))  # the pool's order
+    assert selection.counts["dropped_uncertain"] == 2
+    assert selection.counts["empty_dropped"] == 2
+    assert selection.labels == {"PER": 3}
+    confident = next(s for s in selection.samples if s.id == "u:0")
+    assert [(s.start, s.end, s.label) for s in confident.spans] == [(0, 1, "PER"), (1, 2, "PER")]
+
+
+def test_same_seed_same_selection_and_gold_sentences_excluded():
+    rule = PseudoLabelRule(min_score=0.9, empty_ratio=1.0, seed=7)
+    first = [s.id for s in select_pseudo_labeled(ROWS, rule).samples]
+    assert first == [s.id for s in select_pseudo_labeled(ROWS, rule).samples]
+    selection = select_pseudo_labeled(ROWS, rule, exclude_texts=["张三来了"])
+    assert "u:0" not in [s.id for s in selection.samples]
+    assert selection.counts["excluded_gold"] == 1
+
+
+def test_max_sentences_caps_the_total_with_empty_ones_in_proportion():
+    rows = [row(i, f"句子{i}", 0.99) for i in range(20)] + [row(100 + i, f"空{i}") for i in range(20)]
+    selection = select_pseudo_labeled(rows, PseudoLabelRule(empty_ratio=0.25, max_sentences=10))
+    with_spans = [s for s in selection.samples if s.spans]
+    assert len(selection.samples) == 10
+    assert len(with_spans) == 8 and len(selection.samples) - len(with_spans) == 2
+
+
+def test_rule_ranges_are_checked():
+    with pytest.raises(ConfigError, match="min_score"):
+        PseudoLabelRule(min_score=1.5)
+    with pytest.raises(ConfigError, match="empty_ratio"):
+        PseudoLabelRule(empty_ratio=-1)
+
+
+def test_a_span_outside_its_sentence_is_refused():
+    with pytest.raises(ValueError, match="outside"):
+        select_pseudo_labeled([row(0, "短", 0.99, 0.99)], PseudoLabelRule())
