@@ -45,6 +45,13 @@ def _synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from .predict import load_job_config, run_prediction
+
+    run_prediction(load_job_config(args.config, args.overrides))
+    return 0
+
+
 def _pipeline_options(parser: argparse.ArgumentParser) -> None:
     add_override_flag(parser, "--variant", "variant",
                       help="overrides the config's variant: F, FS, noext, biaffine, an ablation "
@@ -101,6 +108,8 @@ MERGE_LABELS = Command("merge_labels", "Synonym extension-label merging with sen
                        _merge_labels, config=ConfigOptions())
 SYNTHESIZE = Command("synthesize", "Enriched explanation synthesis (pipeline 2) with Ray Data", _synthesize,
                      config=ConfigOptions())
+PREDICT = Command("predict", "Label a large input with a saved KnowFREE model in a pool of Ray actors", _predict,
+                  config=ConfigOptions())
 PIPELINE = Command(
     "pipeline", "the main job on Ray: annotate → merge → train (F), + synthesize → retrain (FS); see jobs.pipeline",
     _pipeline, _pipeline_options,

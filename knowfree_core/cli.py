@@ -40,8 +40,12 @@ def _predict_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", default="-", help="JSONL output (default stdout)")
     p.add_argument("--tokens", action="store_true",
                    help="split lines on whitespace (English-style units) instead of characters")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="sentences (windows) per forward pass")
     p.add_argument("--threshold", type=float, help="override the model's decision threshold")
+    p.add_argument("--min-score", type=float, help="leave out spans the model scores below this")
+    p.add_argument("--max-units", type=int,
+                   help="window size in units (default: the encoder's limit); longer lines are labelled "
+                        "through overlapping windows")
 
 
 def _sample_options(p: argparse.ArgumentParser) -> None:
@@ -119,27 +123,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .model.knowfree import KnowFreeModel
+    from .prediction import PredictSettings, predict_sentences, prediction_record
+    from .records import Sentence
 
+    # Checked before the model loads: a bad value is one line, at once.
+    settings = PredictSettings(threshold=args.threshold, min_score=args.min_score, max_units=args.max_units)
     model = KnowFreeModel.from_pretrained(args.model)
-    if args.threshold is not None:
-        model.config.threshold = args.threshold
     source = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
     with source:
         lines = [line.rstrip("\r\n") for line in source]
-    units = [line.split() if args.tokens else list(line) for line in lines]
-    predictions = model.predict(units, batch_size=args.batch_size)
     joiner = " " if args.tokens else ""
+    sentences = [Sentence(str(number), line.split() if args.tokens else list(line), joiner=joiner)
+                 for number, line in enumerate(lines, start=1)]
+    predictions = predict_sentences(model, sentences, settings, batch_size=args.batch_size)
     out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     with out:
-        for number, (unit_list, spans) in enumerate(zip(units, predictions), start=1):
-            record = {
-                "id": str(number),
-                "text": joiner.join(unit_list),
-                "spans": [
-                    {**span.to_dict(), "text": joiner.join(unit_list[span.start : span.end])} for span in spans
-                ],
-            }
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        for sentence, prediction in zip(sentences, predictions):
+            out.write(json.dumps(prediction_record(sentence, prediction), ensure_ascii=False) + "\n")
     return 0
 
 

@@ -97,3 +97,33 @@ def tiny_quality_config(root: Path, seeds: list[int], variants: list[str]) -> Pa
     path = root / "quality.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
+
+
+def joined_corpus(count: int, seed: int, prefix: str = "j", most: int = 4) -> list[Sentence]:
+    """Templated sentences joined 1..``most`` at a time into one (no extension spans): a model
+    trained on them labels a window holding several sentences as well as one alone."""
+    rng = random.Random(seed)
+    parts = tiny_corpus(count * most, seed=seed, with_extensions=False)
+    joined = []
+    for index in range(count):
+        units: list[str] = []
+        spans = []
+        for part in (parts.pop() for _ in range(rng.randint(1, most))):
+            spans += [Span(s.start + len(units), s.end + len(units), s.label) for s in part.spans]
+            units += part.units
+        joined.append(Sentence(id=f"{prefix}{index}", units=units, spans=spans))
+    return joined
+
+
+def save_trained_tiny_model(root: Path, epochs: int = 20) -> Path:
+    """A tiny model trained on :func:`joined_corpus` until it labels names and cities in
+    text of any length, saved in ``root/model`` (its encoder in ``root/encoder``; the
+    encoder's window is 62 units)."""
+    from knowfree_core.config import TrainConfig
+    from knowfree_core.training import fit
+
+    train = joined_corpus(60, seed=1)
+    model = build_tiny_model(make_random_encoder(root / "encoder"), train)
+    fit(model, train, None, TrainConfig(epochs=epochs, batch_size=8, encoder_lr=1e-3, head_lr=3e-3, warmup_ratio=0.0,
+                                        seed=13), progress=False)
+    return model.save_pretrained(root / "model")

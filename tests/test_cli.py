@@ -79,6 +79,40 @@ def test_predict_writes_jsonl_spans(trained_run, tmp_path, capsys):
     assert records[1]["spans"] == []
     first = {(s["text"], s["label"]) for s in records[0]["spans"]}
     assert ("张三", "PER") in first and ("北京", "LOC") in first
+    # every span with the model's probability for it; every line with the windows it took
+    assert all(set(s) == {"start", "end", "label", "text", "score"} for r in records for s in r["spans"])
+    assert all(0.5 < s["score"] <= 1.0 for s in records[0]["spans"])
+    assert [r["windows"] for r in records] == [1, 0, 1]
+
+
+def test_predict_min_score_and_a_line_longer_than_the_encoder(trained_run, tmp_path):
+    _, run_dir, _ = trained_run
+    model = str(run_dir / "model")
+    source = tmp_path / "input.txt"
+    long_line = "张三在北京工作。李四去了上海。" * 14  # 210 characters; the tiny encoder takes 62
+    source.write_text(f"张三在北京工作。\n{long_line}\n", encoding="utf-8")
+
+    def predict(*options):
+        out = tmp_path / "out.jsonl"
+        assert main(["predict", "--model", model, "--input", str(source), "--output", str(out), *options]) == 0
+        return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+
+    every = predict("--batch-size", "2")
+    assert every[1]["windows"] == 6 and every[1]["text"] == long_line
+    # the end of the line is labelled as well as its start
+    assert max(s["start"] for s in every[1]["spans"]) > 2 * 62
+    scores = sorted(s["score"] for r in every for s in r["spans"])
+    cut = scores[len(scores) // 2]
+    kept = predict("--min-score", str(cut))
+    assert [[s for s in r["spans"] if s["score"] >= cut] for r in every] == [r["spans"] for r in kept]
+    assert predict("--max-units", "20")[1]["windows"] == len(long_line) // 10 - 1
+
+
+
+def test_predict_option_out_of_range_is_one_line_before_the_model_loads(tmp_path, capsys):
+    assert main(["predict", "--model", str(tmp_path / "nowhere"), "--min-score", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "min_score must be in [0, 1], got 1.5" in err
 
 
 def test_malformed_data_file_is_one_clear_line(tmp_path, capsys):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -168,28 +168,40 @@ class KnowFreeModel(nn.Module):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def target_logits(
-        self, sentences: Sequence[Sentence] | Sequence[Sequence[str]], batch_size: int = 32, progress: bool = False
-    ) -> list[torch.Tensor]:
-        """Per sentence, the ``(n, n, N_tgt)`` logits of its target labels (on the CPU).
+    def iter_target_logits(
+        self, units: Sequence[Sequence[str]], batch_size: int = 32, progress: bool = False
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(index, logits)`` for every non-empty unit list, one batch at a time, shortest
+        first: ``logits`` is its ``(n, n, N_tgt)`` target-label grid on the CPU.
 
+        Sorting by length keeps a batch's padding (an L x L grid per sentence) small; a caller
+        that reduces each grid to spans at once holds one batch of grids, not all of them.
         Extension columns are cut off here: no external knowledge reaches inference.
         """
         was_training = self.training
         self.eval()
-        units = [s.units if isinstance(s, Sentence) else list(s) for s in sentences]
-        # Sort by length so a batch pads little; results go back in input order.
         order = [i for i in sorted(range(len(units)), key=lambda i: len(units[i])) if units[i]]
+        try:
+            starts = range(0, len(order), batch_size)
+            for start in tqdm(starts, desc="predict", disable=not progress, leave=False):
+                index = order[start : start + batch_size]
+                logits, _ = self([units[i] for i in index])
+                logits = logits[..., : self.vocab.num_targets].float().cpu()
+                for row, i in enumerate(index):
+                    n = len(units[i])
+                    yield i, logits[row, :n, :n]
+        finally:
+            self.train(was_training)
+
+    def target_logits(
+        self, sentences: Sequence[Sentence] | Sequence[Sequence[str]], batch_size: int = 32, progress: bool = False
+    ) -> list[torch.Tensor]:
+        """Per sentence, in input order, the ``(n, n, N_tgt)`` logits of its target labels (on
+        the CPU); see :meth:`iter_target_logits`."""
+        units = [s.units if isinstance(s, Sentence) else list(s) for s in sentences]
         results: list[torch.Tensor] = [torch.zeros(0, 0, self.vocab.num_targets) for _ in units]
-        starts = range(0, len(order), batch_size)
-        for start in tqdm(starts, desc="predict", disable=not progress, leave=False):
-            index = order[start : start + batch_size]
-            logits, _ = self([units[i] for i in index])
-            logits = logits[..., : self.vocab.num_targets].float().cpu()
-            for row, i in enumerate(index):
-                n = len(units[i])
-                results[i] = logits[row, :n, :n]
-        self.train(was_training)
+        for i, logits in self.iter_target_logits(units, batch_size, progress):
+            results[i] = logits
         return results
 
     def decode(self, logits: Sequence[torch.Tensor], threshold: float | None = None) -> list[list[Span]]:
