@@ -270,3 +270,57 @@ def test_a_custom_variant_with_its_own_annotation_gets_its_own_folders(tmp_path)
     assert finals["F-view"].data.train == finals["F"].data.train == str(tmp_path / "annotate" / "annotated.jsonl")
     # The pool settings of the cell's annotation are kept under the variant's own annotator.
     assert config.custom_variants["F-jieba"].annotation(config.annotate).pool.num_actors == 1
+
+
+def test_variant_fu_self_trains_on_an_unlabelled_pool_in_two_rounds(ray_cluster, tmp_path, capsys):
+    """FU end to end on tiny files: F labels the pool (the training file itself, whose gold
+    sentences are left out, plus 30 new sentences) through jobs.predict, the rule keeps the
+    confident ones, jieba adds their extension labels, and FU trains on gold + pseudo samples
+    with beta_unlabeled; round 2 labels the pool with FU's model. A rerun redoes nothing."""
+    from knowfree_core.formats import write_dataset
+    from model_fixtures import tiny_corpus
+
+    train = tiny_run_config(tmp_path, epochs=2, encoder_lr=1e-3, head_lr=3e-3, threshold_candidates=[0.02])
+    train["model"]["beta_unlabeled"] = 0.3
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(train, allow_unicode=True), encoding="utf-8")
+    write_dataset(tiny_corpus(30, seed=9, prefix="u", with_extensions=False), tmp_path / "pool.jsonl")
+    small_pool = {"num_actors": 1, "cpus_per_actor": 0.5, "batch_size": 16}
+    pipeline = {
+        "train_config": str(tmp_path / "train.yaml"), "output_dir": str(tmp_path / "run"), "variant": "FU",
+        "annotate": {"annotator": "jieba", "steps": ["seg"], "pool": small_pool},
+        "merge_labels": False,
+        "unlabeled": {"input": [str(tmp_path / "train.jsonl"), str(tmp_path / "pool.jsonl")],
+                      "rule": {"min_score": 0.0, "empty_ratio": 1.0}, "rounds": 2, "pool": small_pool},
+        "train_resources": {"num_cpus": 1},
+    }
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(pipeline, allow_unicode=True), encoding="utf-8")
+    summary = run_pipeline(load_structured(PipelineConfig, str(tmp_path / "pipeline.yaml"), []))
+    run = tmp_path / "run"
+    for relative in ["train/model", "predict_unlabeled/predictions.jsonl", "pseudo.jsonl",
+                     "pseudo_annotate/annotated.jsonl", "train_fu/model", "predict_unlabeled_r2/predictions.jsonl",
+                     "train_fu_r2/model", "cell.json"]:
+        assert (run / relative).exists(), relative
+
+    cell = json.loads((run / "cell.json").read_text(encoding="utf-8"))
+    selection = cell["stages"]["pseudo"]
+    assert selection["predicted"] == 50 and selection["excluded_gold"] >= 20  # the gold subset is left out
+    fu_train = read_dataset(run / "train_fu" / "train_data.jsonl")
+    pseudo = [s for s in fu_train if s.pseudo_labeled]
+    gold = [s for s in fu_train if not s.pseudo_labeled]
+    assert len(gold) == 20 and len(pseudo) == selection["kept"] > 0
+    assert all(s.id.endswith("#pseudo") for s in pseudo)
+    assert any(s.spans for s in pseudo)  # the model's labels are the pseudo samples' targets
+    assert all(any(e.source == "jieba:seg" for e in s.extension_spans) for s in pseudo)
+    fu_config = yaml.safe_load((run / "train_fu" / "config.yaml").read_text(encoding="utf-8"))
+    assert fu_config["model"]["beta_unlabeled"] == 0.3
+    # round 2 labelled the pool with round 1's model; the cell's FU score is the last round's
+    r2 = json.loads((run / "predict_unlabeled_r2" / "summary.json").read_text(encoding="utf-8"))
+    assert r2["model"].endswith("train_fu/model") or "train_fu" in json.dumps(r2)
+    last = json.loads((run / "train_fu_r2" / "metrics.json").read_text(encoding="utf-8"))
+    assert summary["cells"][""]["FU"]["test"] == last["test"]
+    assert "| FU |" in capsys.readouterr().out
+
+    again = run_pipeline(load_structured(PipelineConfig, str(tmp_path / "pipeline.yaml"), []))
+    assert again["cells"][""]["FU"]["test"] == summary["cells"][""]["FU"]["test"]
+    predicted = json.loads((run / "predict_unlabeled" / "summary.json").read_text(encoding="utf-8"))
+    assert predicted["written_this_run"] == 0

@@ -26,7 +26,7 @@ ROWS = [
 
 def test_keeps_sentences_whose_every_span_is_confident_and_some_empty_ones():
     selection = select_pseudo_labeled(ROWS, PseudoLabelRule(min_score=0.9, empty_ratio=0.5, seed=1))
-    ids = [s.id for s in selection.samples]
+    ids = [s.id.removesuffix("#pseudo") for s in selection.samples]
     assert "u:0" in ids and "u:3" in ids
     assert "u:1" not in ids and "u:6" not in ids  # a doubtful span drops the whole sentence
     empties = [s for s in selection.samples if not s.spans]
@@ -36,16 +36,17 @@ def test_keeps_sentences_whose_every_span_is_confident_and_some_empty_ones():
     assert selection.counts["dropped_uncertain"] == 2
     assert selection.counts["empty_dropped"] == 2
     assert selection.labels == {"PER": 3}
-    confident = next(s for s in selection.samples if s.id == "u:0")
+    confident = next(s for s in selection.samples if s.id == "u:0#pseudo")
     assert [(s.start, s.end, s.label) for s in confident.spans] == [(0, 1, "PER"), (1, 2, "PER")]
 
 
 def test_same_seed_same_selection_and_gold_sentences_excluded():
     rule = PseudoLabelRule(min_score=0.9, empty_ratio=1.0, seed=7)
     first = [s.id for s in select_pseudo_labeled(ROWS, rule).samples]
+    assert all(i.endswith("#pseudo") for i in first)
     assert first == [s.id for s in select_pseudo_labeled(ROWS, rule).samples]
     selection = select_pseudo_labeled(ROWS, rule, exclude_texts=["张三来了"])
-    assert "u:0" not in [s.id for s in selection.samples]
+    assert "u:0#pseudo" not in [s.id for s in selection.samples]
     assert selection.counts["excluded_gold"] == 1
 
 
