@@ -138,7 +138,8 @@ def test_the_corpus_is_complete():
         "missing_column.conll", "non_utf8.conll", "span_out_of_range.jsonl", "i_without_b.conll",
         "mixed_schemes.conll", "crlf.conll", "empty_sentence.jsonl", "empty_file.conll", "long_sentence.jsonl",
         "unknown_label_dev.conll", "space_characters.conll", "yaml_syntax_error.yaml", "top_level_list.yaml",
-        "alias_bomb.yaml", "raw_text_folder"}
+        "alias_bomb.yaml", "raw_text_folder", "pickle_named.safetensors", "unknown_key_model", "epochs_zero.yaml",
+        "plugin_not_annotator.yaml"}
     assert issubclass(DataFormatError, KnowFreeError)
 
 
@@ -226,3 +227,41 @@ def test_a_path_of_the_wrong_kind_is_one_line_in_every_command(tmp_path, tiny_mo
 
     assert main([a.format(tmp=tmp_path, model=tiny_model) for a in argv]) == 2
     _one_line(capsys, message.format(tmp=tmp_path))
+
+
+def test_a_pickle_under_a_safetensors_name_is_one_line(tmp_path, tiny_model, capsys):
+    import shutil
+
+    from knowfree_core.cli import main
+
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    (model / "head.safetensors").unlink()
+    shutil.copy(BAD / "pickle_named.safetensors", model / "head.safetensors")
+    assert main(["evaluate", "--model", str(model), "--data", str(BAD / "crlf.conll"), "--quiet"]) == 2
+    _one_line(capsys, f"{model / 'head.safetensors'}: not a safetensors file")
+
+
+def test_an_unknown_key_in_knowfree_json_is_one_line(tmp_path, capsys):
+    from knowfree_core.cli import main
+
+    assert main(["evaluate", "--model", str(BAD / "unknown_key_model"), "--data", str(BAD / "crlf.conll")]) == 2
+    _one_line(capsys, f"{BAD / 'unknown_key_model' / 'knowfree.json'}: unknown key(s) 'model.windw'")
+
+
+def test_a_range_error_in_a_config_file_is_one_line(capsys):
+    from knowfree_core.cli import main
+
+    assert main(["train", "--config", str(BAD / "epochs_zero.yaml"), "--quiet"]) == 2
+    _one_line(capsys, str(BAD / "epochs_zero.yaml"), "train.epochs must be at least 1, got 0")
+
+
+def test_a_plugin_that_is_no_annotator_in_a_config_file_is_one_line(tmp_path, capsys, monkeypatch):
+    from jobs.cli import ANNOTATE
+    from knowfree_core import commandline
+
+    monkeypatch.chdir(tmp_path)  # the command it names would create SHOULD_NOT_EXIST here
+    argv = ["--config", str(BAD / "plugin_not_annotator.yaml"), "--set", f"input=[{BAD / 'crlf.conll'}]",
+            "--set", f"output_dir={tmp_path / 'out'}"]
+    assert commandline.main(ANNOTATE, argv, prog="python -m jobs.annotate") == 2
+    _one_line(capsys, "annotator: 'os:system' is not a subclass")
+    assert not (tmp_path / "SHOULD_NOT_EXIST").exists()
