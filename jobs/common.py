@@ -22,19 +22,35 @@ class RayConfig:
     """How a job reaches Ray.
 
     address
-        ``None``: the cluster in ``RAY_ADDRESS`` (what ``ray job submit`` sets), else a
-        local cluster started by ``ray.init()``; ``auto`` or ``ray://host:10001`` otherwise.
+        ``None``: the cluster in ``RAY_ADDRESS`` (what ``ray job submit`` sets), else a new
+        local cluster started by ``ray.init()``. When a cluster ``ray start`` left running on
+        this machine is found instead, ``ray.init()`` would silently join it (and refuse
+        ``num_cpus``): the job stops with one line naming its address and these choices.
+        ``auto``: that running cluster (or the one in ``RAY_ADDRESS``); ``local``: a new local
+        cluster of this job's own, even when another is running; ``host:6379`` or
+        ``ray://host:10001``: that cluster.
     num_cpus, object_store_mb
-        Only for a local cluster: caps for a shared machine (the default object store is 30%
-        of RAM).
+        Only for a local cluster (``None`` without a running one, or ``local``): caps for a
+        shared machine (the default object store is 30% of RAM).
+    wait_for_resources
+        A connected cluster with fewer CPUs than the job needs at once: ``false`` fails at once,
+        in one line with the numbers and the keys to lower, unless the autoscaler Ray reports
+        (its cluster config, as Ray Train and Ray Data read it) can add enough; ``true`` only
+        logs a warning and waits, for an autoscaler Ray does not report that way (or nodes
+        about to be added by hand).
     """
 
     address: Optional[str] = None
     num_cpus: Optional[int] = None
     object_store_mb: Optional[int] = None
+    wait_for_resources: bool = False
 
     def __post_init__(self) -> None:
         check_bounds("ray", self, {"num_cpus": COUNT, "object_store_mb": COUNT})
+
+
+#: ``ray.address`` for a new local cluster even when one is running (``ray.init``'s own word).
+LOCAL = "local"
 
 
 def init_ray(config: RayConfig, min_cpus: float = 0.0,
@@ -43,11 +59,12 @@ def init_ray(config: RayConfig, min_cpus: float = 0.0,
 
     ``min_cpus``: the CPU slots the job's pipeline needs at once (actors, read tasks, Ray
     Data's checkpoint filter). A local cluster gets at least that many logical CPUs: with
-    fewer, Ray Data waits forever for a slot that busy actors never free. A cluster this
-    process started (``ray.init()`` here, by the job or by its caller) has no autoscaler: a
-    shortfall there would hang, so it fails at once naming ``settings`` (the config keys that
-    lower the need). On a connected cluster an autoscaler may add nodes: a shortfall is only
-    logged.
+    fewer, Ray Data waits forever for a slot that busy actors never free. On any cluster that
+    cannot reach ``min_cpus`` the job would wait forever, so it fails at once naming
+    ``settings`` (the config keys that lower the need): a cluster this process started
+    (``ray.init()`` here, by the job or by its caller) has no autoscaler; a connected one only
+    when Ray reports an autoscaler that can add enough CPUs (see
+    ``RayConfig.wait_for_resources``), and then a shortfall is logged.
     """
     try:
         import ray
@@ -67,13 +84,46 @@ def init_ray(config: RayConfig, min_cpus: float = 0.0,
             f"once, and no autoscaler can add any: lower {settings}, or give the cluster more "
             f"(ray.num_cpus when the job starts it)"
         )
-    logger.warning(
-        "the cluster has %.2f CPUs but this job's pipeline needs %.2f at once; it may stall "
-        "until the autoscaler adds nodes (lower %s)",
-        available,
-        min_cpus,
-        settings,
+    check_cluster_size(available, min_cpus, _autoscaler_max_cpus(), config.wait_for_resources,
+                       ray.get_runtime_context().gcs_address, settings)
+
+
+def check_cluster_size(available: float, min_cpus: float, autoscaler_max: Optional[float], wait: bool,
+                       address: str, settings: str) -> None:
+    """A connected cluster of ``available`` CPUs, short of ``min_cpus``: a warning where an
+    autoscaler can grow it to ``autoscaler_max`` >= ``min_cpus`` (or the user said to wait),
+    else a one-line error, since the job would wait forever for slots nobody adds."""
+    if autoscaler_max is not None and autoscaler_max >= min_cpus:
+        logger.warning("the Ray cluster at %s has %g CPUs but this job's pipeline needs %g at once; it waits "
+                       "until the autoscaler adds nodes (up to %g CPUs; lower %s)", address, available, min_cpus,
+                       autoscaler_max, settings)
+        return
+    growth = ("and Ray reports no autoscaler that could add any" if autoscaler_max is None
+              else f"and its autoscaler can grow it to {autoscaler_max:g} at most")
+    if wait:
+        logger.warning("the Ray cluster at %s has %g CPUs but this job's pipeline needs %g at once, %s; "
+                       "waiting for more (ray.wait_for_resources)", address, available, min_cpus, growth)
+        return
+    raise KnowFreeError(
+        f"the Ray cluster at {address} has {available:g} CPUs but this job's pipeline needs {min_cpus:g} at once, "
+        f"{growth}: lower {settings}, or add nodes (ray.wait_for_resources=true waits for an autoscaler "
+        f"Ray does not report)"
     )
+
+
+def _autoscaler_max_cpus() -> Optional[float]:
+    """The most CPUs the cluster's autoscaler may grow it to, from the cluster config the
+    autoscaler reports to Ray (what Ray Train and Ray Data check themselves); None when there is
+    none: a ``ray start`` cluster, or an autoscaler that does not report one."""
+    from ray._private.state import state
+
+    try:
+        most = state.get_max_resources_from_cluster_config()
+    except Exception as error:  # e.g. a Ray Client (ray://) driver, which has no GCS connection
+        logger.debug("could not read the cluster config: %s", error)
+        return None
+    # None: no config; a config without CPU node groups cannot add CPUs either.
+    return float(most.get("CPU", 0)) if most is not None else None
 
 
 def _started_here() -> bool:
@@ -86,14 +136,36 @@ def _started_here() -> bool:
     return bool(getattr(node, "head", False))
 
 
+def _running_local_cluster() -> Optional[str]:
+    """The address of the cluster ``ray start`` last started on this machine (the one a bare
+    ``ray.init()`` joins), or None. Ray's own lookup, so it finds what ``ray.init()`` would."""
+    from ray._private import services
+
+    try:
+        return services.canonicalize_bootstrap_address(None)
+    except (ConnectionError, ValueError):
+        return None
+
+
 def _start_or_connect(config: RayConfig, min_cpus: float, output: OutputSettings) -> None:
     import math
 
     import ray
 
-    address = config.address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"include_dashboard": False} if not address else {}
-    if not address:
+    address = config.address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        running = _running_local_cluster()
+        if running is not None:
+            # ray.init() would join it and refuse num_cpus with a traceback, or, without the
+            # cap, run this job on someone else's cluster: the user chooses.
+            raise KnowFreeError(
+                f"a Ray cluster is already running on this machine at {running} (started by `ray start`): set "
+                f"ray.address=auto (or RAY_ADDRESS={running}) to run on it, or ray.address={LOCAL} to start a "
+                f"separate local cluster for this job"
+            )
+    local = address in (None, LOCAL)
+    kwargs: dict[str, Any] = {"include_dashboard": False} if local else {}
+    if local:
         num_cpus = config.num_cpus if config.num_cpus is not None else os.cpu_count() or 1
         if num_cpus < min_cpus:
             logger.info("local Ray cluster: %d CPU slots for %d cores (the pipeline needs %.2f at once)",
@@ -103,7 +175,17 @@ def _start_or_connect(config: RayConfig, min_cpus: float, output: OutputSettings
             kwargs["object_store_memory"] = config.object_store_mb * 1024 * 1024
     # The workers import knowfree_core; on a cluster the runtime_env (cluster/) ships it.
     # Ray's own INFO lines ("Started a local Ray instance") only when verbose; warnings stay.
-    ray.init(address=address, logging_level=logging.INFO if output.verbose else logging.WARNING, **kwargs)
+    try:
+        # ``local`` rather than None: a cluster started since the look-up above is not joined.
+        ray.init(address=LOCAL if local else address,
+                 logging_level=logging.INFO if output.verbose else logging.WARNING, **kwargs)
+    except ConnectionError as error:
+        # `auto` with no cluster running, a wrong address, or a cluster that wants a token
+        # (Ray 2.60's `ray start` does): Ray's message and a traceback of its retries.
+        hint = ("; it wants an authentication token: set RAY_AUTH_MODE=token (the token is read from "
+                "~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)"
+                if "InvalidAuthToken" in str(error.__cause__) else "")
+        raise KnowFreeError(f"cannot connect to Ray (ray.address={address}): {error}{hint}") from error
 
 
 def _quiet_ray_data(output: OutputSettings) -> None:

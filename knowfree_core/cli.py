@@ -58,8 +58,11 @@ def _sample_options(p: argparse.ArgumentParser) -> None:
 
 
 def _annotate_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", "-d", required=True)
-    p.add_argument("--format")
+    p.add_argument("--data", "-d", required=True,
+                   help="dataset file, or a folder of raw .txt files (one sentence per line), as jobs.annotate reads")
+    p.add_argument("--format", help="force the reader format; text: a raw text file, one sentence per line")
+    p.add_argument("--tokens", action="store_true",
+                   help="raw text: split lines on whitespace (English-style units) instead of characters")
     p.add_argument("--out", "-o", required=True, help="JSONL output")
     p.add_argument("--annotator", "-a", action="append", required=True, help="lac or jieba (repeatable)")
     p.add_argument("--steps", nargs="*", default=["ent", "seg", "pos"])
@@ -161,10 +164,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
-    from .formats import read_dataset, write_dataset
+    from .annotation import iter_input_sentences
+    from .formats import write_dataset
     from .run import annotate_with
 
-    sentences, counts = annotate_with(args.annotator, read_dataset(args.data, format=args.format), args.steps)
+    # The input as jobs.annotate reads it: a dataset file, or raw text (a folder of .txt
+    # files, or --format text), so the two commands accept the same --data.
+    sentences = list(iter_input_sentences([args.data], args.format, joiner=" " if args.tokens else ""))
+    sentences, counts = annotate_with(args.annotator, sentences, args.steps)
     for name, (spans, rejected) in counts.items():
         print(f"{name}: {spans} extension spans, {rejected} rejected", file=sys.stderr)
     write_dataset(sentences, args.out)

@@ -23,8 +23,18 @@ from .output import OutputSettings, configure_output
 
 #: A command's body: the parsed options in, the exit status out (None: 0).
 Handler = Callable[[argparse.Namespace], Optional[int]]
-#: What a user can fix; every other exception is a bug and keeps its traceback.
-USER_ERRORS = (KnowFreeError, FileNotFoundError)
+#: What a user can fix; every other exception is a bug and keeps its traceback. The OS errors are
+#: a path the user gave (an option, a config key) that is missing or of the wrong kind: a folder
+#: where a file belongs (``--data folder``, ``--output folder``) or a file where a folder does
+#: (``--out file.jsonl`` for sample's output folder). Every command gets them here, in one place.
+USER_ERRORS = (KnowFreeError, FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError)
+#: The OS errors of USER_ERRORS in words that say what was expected instead of ``[Errno 21]``.
+_PATH_PROBLEMS = (
+    (FileNotFoundError, "no such file or folder"),
+    (IsADirectoryError, "is a folder, but a file is expected here"),
+    (NotADirectoryError, "part of this path is a file, but a folder is expected there"),
+    (FileExistsError, "is a file, but a folder is expected here"),
+)
 #: Where the shorthand flags of :func:`add_override_flag` collect their ``KEY=VALUE`` items.
 _FLAG_OVERRIDES = "flag_overrides"
 
@@ -145,9 +155,17 @@ def exit_status(prog: str, run: Callable[[], Optional[int]]) -> int:
     try:
         return int(run() or 0)
     except USER_ERRORS as error:
-        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        message = "; ".join(line.strip() for line in _describe(error).splitlines() if line.strip())
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename is not None:
+        for kind, problem in _PATH_PROBLEMS:
+            if isinstance(error, kind):
+                return f"{error.filename}: {problem}"
+    return str(error)
 
 
 def script_prog() -> str:

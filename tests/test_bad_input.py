@@ -138,7 +138,8 @@ def test_the_corpus_is_complete():
         "missing_column.conll", "non_utf8.conll", "span_out_of_range.jsonl", "i_without_b.conll",
         "mixed_schemes.conll", "crlf.conll", "empty_sentence.jsonl", "empty_file.conll", "long_sentence.jsonl",
         "unknown_label_dev.conll", "space_characters.conll", "yaml_syntax_error.yaml", "top_level_list.yaml",
-        "alias_bomb.yaml"}
+        "alias_bomb.yaml", "raw_text_folder", "pickle_named.safetensors", "unknown_key_model", "epochs_zero.yaml",
+        "plugin_not_annotator.yaml"}
     assert issubclass(DataFormatError, KnowFreeError)
 
 
@@ -158,3 +159,109 @@ def test_recursive_and_deep_yaml_are_one_line_errors(tmp_path, text, message):
     with pytest.raises(KnowFreeError, match=message) as error:
         read_yaml_mapping(path)
     assert "\n" not in str(error.value) and str(path) in str(error.value)
+
+
+# --- the command line: one line on stderr naming the file or key, exit status 2 -------------------
+
+
+def _one_line(capsys, *expected: str) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for text in expected:
+        assert text in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from model_fixtures import build_tiny_model, make_random_encoder, tiny_corpus
+
+    root = tmp_path_factory.mktemp("model")
+    model = build_tiny_model(make_random_encoder(root / "encoder"), tiny_corpus(6, seed=1))
+    return model.save_pretrained(root / "model")
+
+
+FOLDER = BAD / "raw_text_folder"
+
+
+@pytest.mark.parametrize("argv", [
+    ["sample", "--data", str(FOLDER), "--out", "{tmp}/out", "--sizes", "1"],
+    ["train", "--set", f"data.train={FOLDER}", "--set", "output_dir={tmp}/run", "--quiet"],
+    ["evaluate", "--model", "{model}", "--data", str(FOLDER), "--quiet"],
+])
+def test_a_folder_given_for_a_data_file_is_one_line(tmp_path, tiny_model, capsys, argv):
+    from knowfree_core.cli import main
+
+    argv = [a.format(tmp=tmp_path, model=tiny_model) for a in argv]
+    assert main(argv) == 2
+    _one_line(capsys, f"{FOLDER}: is a folder, not a file (expected a jsonl, conll or conllu data file)")
+
+
+def test_knowfree_annotate_reads_a_folder_as_raw_text_like_the_job(tmp_path, capsys):
+    """``knowfree annotate --data FOLDER`` used to end in IsADirectoryError; jobs.annotate reads a
+    folder as raw .txt files (one sentence per line), and so does the library command now."""
+    from knowfree_core.cli import main
+
+    out = tmp_path / "annotated.jsonl"
+    assert main(["annotate", "--data", str(FOLDER), "--out", str(out), "--annotator", "jieba", "--steps", "seg"]) == 0
+    sentences = read_dataset(out)
+    assert [s.id for s in sentences] == ["sentences.txt:1", "sentences.txt:2"]
+    assert sentences[0].text == "张三在北京工作。" and sentences[0].extension_spans
+    capsys.readouterr()  # the annotator's counts
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["annotate", "--data", str(empty), "--out", str(out), "--annotator", "jieba"]) == 2
+    _one_line(capsys, f"input folder {empty} has no .txt files")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "--model", "{model}", "--input", str(FOLDER)], f"{FOLDER}: is a folder, but a file is expected"),
+    (["predict", "--model", "{model}", "--input", "{tmp}/missing.txt"], "{tmp}/missing.txt: no such file or folder"),
+    (["predict", "--model", "{model}", "--input", str(FOLDER / "sentences.txt"), "--output", "{tmp}"],
+     "{tmp}: is a folder, but a file is expected"),
+    (["sample", "--data", str(BAD / "crlf.conll"), "--out", str(BAD / "crlf.conll"), "--sizes", "1"],
+     f"{BAD / 'crlf.conll'}: is a file, but a folder is expected"),
+])
+def test_a_path_of_the_wrong_kind_is_one_line_in_every_command(tmp_path, tiny_model, capsys, argv, message):
+    from knowfree_core.cli import main
+
+    assert main([a.format(tmp=tmp_path, model=tiny_model) for a in argv]) == 2
+    _one_line(capsys, message.format(tmp=tmp_path))
+
+
+def test_a_pickle_under_a_safetensors_name_is_one_line(tmp_path, tiny_model, capsys):
+    import shutil
+
+    from knowfree_core.cli import main
+
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    (model / "head.safetensors").unlink()
+    shutil.copy(BAD / "pickle_named.safetensors", model / "head.safetensors")
+    assert main(["evaluate", "--model", str(model), "--data", str(BAD / "crlf.conll"), "--quiet"]) == 2
+    _one_line(capsys, f"{model / 'head.safetensors'}: not a safetensors file")
+
+
+def test_an_unknown_key_in_knowfree_json_is_one_line(tmp_path, capsys):
+    from knowfree_core.cli import main
+
+    assert main(["evaluate", "--model", str(BAD / "unknown_key_model"), "--data", str(BAD / "crlf.conll")]) == 2
+    _one_line(capsys, f"{BAD / 'unknown_key_model' / 'knowfree.json'}: unknown key(s) 'model.windw'")
+
+
+def test_a_range_error_in_a_config_file_is_one_line(capsys):
+    from knowfree_core.cli import main
+
+    assert main(["train", "--config", str(BAD / "epochs_zero.yaml"), "--quiet"]) == 2
+    _one_line(capsys, str(BAD / "epochs_zero.yaml"), "train.epochs must be at least 1, got 0")
+
+
+def test_a_plugin_that_is_no_annotator_in_a_config_file_is_one_line(tmp_path, capsys, monkeypatch):
+    from jobs.cli import ANNOTATE
+    from knowfree_core import commandline
+
+    monkeypatch.chdir(tmp_path)  # the command it names would create SHOULD_NOT_EXIST here
+    argv = ["--config", str(BAD / "plugin_not_annotator.yaml"), "--set", f"input=[{BAD / 'crlf.conll'}]",
+            "--set", f"output_dir={tmp_path / 'out'}"]
+    assert commandline.main(ANNOTATE, argv, prog="python -m jobs.annotate") == 2
+    _one_line(capsys, "annotator: 'os:system' is not a subclass")
+    assert not (tmp_path / "SHOULD_NOT_EXIST").exists()

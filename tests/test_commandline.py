@@ -141,3 +141,49 @@ def test_bench_scripts_run_from_the_repository_root(script):
                              timeout=300)
     assert process.returncode == 0, process.stderr
     assert process.stdout.startswith("usage: ")
+
+
+@pytest.mark.parametrize("autoscaler_max, wait, outcome", [
+    (8.0, False, "warning"),  # an autoscaler Ray reports can grow the cluster to the need
+    (2.0, False, "its autoscaler can grow it to 2 at most"),
+    (None, False, "Ray reports no autoscaler that could add any"),
+    (None, True, "warning"),  # ray.wait_for_resources: an autoscaler Ray does not report
+])
+def test_a_connected_cluster_short_of_cpus_fails_unless_it_can_grow(caplog, autoscaler_max, wait, outcome):
+    from jobs.common import check_cluster_size
+
+    def check():
+        check_cluster_size(1.0, 3.25, autoscaler_max, wait, "10.0.0.1:6379", "pool.num_actors")
+
+    if outcome == "warning":
+        with caplog.at_level(logging.WARNING, logger="jobs.common"):
+            check()
+        assert "has 1 CPUs but this job's pipeline needs 3.25 at once" in caplog.text
+        return
+    with pytest.raises(KnowFreeError) as error:
+        check()
+    message = str(error.value)
+    assert "\n" not in message and outcome in message and "10.0.0.1:6379 has 1 CPUs" in message
+    assert "lower pool.num_actors" in message and "ray.wait_for_resources=true" in message
+
+
+def test_a_cluster_that_refuses_the_connection_is_one_line(monkeypatch):
+    """ray.init's ConnectionError (here: a token-protected `ray start` cluster, a traceback of 20
+    retries) is one line that says what to set."""
+    ray = pytest.importorskip("ray")
+    from jobs.common import RayConfig, init_ray
+
+    def refuse(**kwargs):
+        try:
+            raise RuntimeError("Failed to connect to GCS. Last connection error: Traceback ...\n"
+                               "ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: ...")
+        except RuntimeError as cause:
+            raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379") from cause
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(KnowFreeError) as error:
+        init_ray(RayConfig(address="10.0.0.1:6379"))
+    message = str(error.value)
+    assert "\n" not in message and "cannot connect to Ray (ray.address=10.0.0.1:6379)" in message
+    assert "set RAY_AUTH_MODE=token" in message

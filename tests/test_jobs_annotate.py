@@ -307,3 +307,113 @@ def test_a_pool_larger_than_a_fixed_local_cluster_fails_at_once(tmp_path):
     assert len(errors) == 1 and "needs 3.25 at once" in errors[0] and "pool.num_actors" in errors[0], done.stderr[-2000:]
     assert "has 1 CPUs" in errors[0]
     assert not (tmp_path / "job" / "annotated.jsonl").exists()
+
+
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:  # bound together, so the ports differ
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _stop_session(process: subprocess.Popen) -> None:
+    """Stop a `ray start --block` started in a session of its own, and every process of that
+    session (its GCS, raylet, workers), by id: `ray stop` would stop every cluster on the machine."""
+    process.terminate()  # --block shuts its cluster down on SIGTERM
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    listed = subprocess.run(["ps", "-o", "pid=", "-s", str(process.pid)], capture_output=True, text=True)
+    for pid in (int(p) for p in listed.stdout.split()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def ray_start_head():
+    """A `ray start --head --num-cpus 1` cluster, as a user leaves one running: (its address, the
+    environment of a shell on this machine). Its own RAY_TMPDIR holds the "last started cluster"
+    file a bare ray.init() reads, so this cluster and the other clusters of the machine never
+    meet; its own ports too."""
+    import shutil
+    import tempfile
+
+    # Short: Ray's socket paths under it must stay within 107 bytes.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="kfray-", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=str(ray_tmp), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+    port, client, dashboard, agent, agent_grpc = _free_ports(5)
+    log = open(ray_tmp / "ray-start.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--num-cpus", "1",
+         "--port", str(port), "--ray-client-server-port", str(client), "--dashboard-port", str(dashboard),
+         "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+         "--include-dashboard=false", "--object-store-memory", str(100 * 1024**2)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        address_file = ray_tmp / "ray" / "ray_current_cluster"
+        deadline = time.monotonic() + 90
+        while not address_file.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert address_file.exists(), (ray_tmp / "ray-start.log").read_text()[-2000:]
+        yield address_file.read_text().strip(), env
+    finally:
+        _stop_session(process)
+        log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _annotate_command(tmp_path: Path, *overrides: str) -> list[str]:
+    settings = [f"input=[{SAMPLE}]", f"output_dir={tmp_path / 'job'}", "steps=[seg]",
+                "annotator=job_annotators:FirstCharAnnotator", *overrides]
+    return [sys.executable, "-m", "jobs.annotate"] + [arg for value in settings for arg in ("--set", value)]
+
+
+def _one_error_line(done: subprocess.CompletedProcess) -> str:
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    return errors[0]
+
+
+def test_a_fixed_cluster_too_small_for_the_pool_fails_at_once(ray_start_head, tmp_path):
+    """A cluster the job connects to (RAY_ADDRESS) of 1 CPU and no autoscaler, and a pool
+    needing 3.25 at once (default pool): the job used to log "may stall until the autoscaler
+    adds nodes" and wait forever; Ray reports no autoscaler, so it fails in one line."""
+    address, env = ray_start_head
+    started = time.monotonic()
+    done = subprocess.run(_annotate_command(tmp_path), cwd=REPO, env={**env, "RAY_ADDRESS": address},
+                          capture_output=True, text=True, timeout=120)
+    error = _one_error_line(done)
+    assert time.monotonic() - started < 45
+    assert f"the Ray cluster at {address} has 1 CPUs" in error and "needs 3.25 at once" in error, error
+    assert "reports no autoscaler" in error and "pool.num_actors" in error and "ray.wait_for_resources" in error
+    assert not (tmp_path / "job" / "annotated.jsonl").exists()
+
+
+def test_a_cluster_left_running_is_not_joined_unasked(ray_start_head, tmp_path):
+    """RAY_ADDRESS unset and a `ray start` cluster on the machine: ray.init() would join it and
+    refuse the job's num_cpus with a traceback. The job names the cluster and the two choices,
+    and ray.address=local runs it on a local cluster of its own."""
+    address, env = ray_start_head
+    done = subprocess.run(_annotate_command(tmp_path), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    error = _one_error_line(done)
+    assert f"already running on this machine at {address}" in error, error
+    assert "ray.address=auto" in error and f"RAY_ADDRESS={address}" in error and "ray.address=local" in error
+
+    local = _annotate_command(tmp_path, "ray.address=local", "ray.num_cpus=1", "ray.object_store_mb=100",
+                              "pool.num_actors=1", "pool.cpus_per_actor=0.5", "pool.batch_size=50")
+    done = subprocess.run(local, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _ids(tmp_path / "job" / "annotated.jsonl") == [s.id for s in read_dataset(SAMPLE)]

@@ -10,6 +10,8 @@ from pathlib import Path
 from knowfree_core.errors import DataFormatError
 
 _BOM = b"\xef\xbb\xbf"
+#: What a reader accepts in place of a folder (formats.FORMATS; that module imports this one).
+_DATA_FILES = "a jsonl, conll or conllu data file"
 
 
 def read_lines(path: str | Path) -> list[str]:
@@ -22,6 +24,10 @@ def read_lines(path: str | Path) -> list[str]:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         raise DataFormatError(str(path), None, "file not found") from None
+    except IsADirectoryError:
+        # Every dataset reader (and format sniffing) comes here: a folder given for a data
+        # file is one line naming it, not a traceback from deep inside a reader.
+        raise DataFormatError(str(path), None, "is a folder, not a file", _DATA_FILES) from None
     if data.startswith(_BOM):
         data = data[len(_BOM):]
     try:
