@@ -194,7 +194,7 @@ def result_record(cell: PlannedCell, variant: str, score: dict, machine: str, co
     engine = cell.pipeline.synthesis.engine
     return make_record(cell.dataset, cell.setting, variant, cell.seed, score, run_dir=str(cell.root),
                        machine=machine, command=command,
-                       synthesis_engine=f"{engine.kind} {engine.model}" if variant == "FS" else None)
+                       synthesis_engine=f"{engine.kind} {engine.model}" if variant in ("FS", "FSU") else None)
 
 
 # -- the paper's figures and the table ------------------------------------------------------
@@ -212,7 +212,7 @@ PAPER_ROWS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 TABLE_TAGS = {"table1_many_shot": "T1", "table2_few_shot": "T2", "table3_ablations": "T3"}
 #: Table rows: baselines, then ablations, then the full methods, as in the paper's tables.
-ROW_ORDER = ("biaffine", "noext", "F-noent", "F-nopos", "F-nomerge", "F-cnn", "F", "FS")
+ROW_ORDER = ("biaffine", "noext", "F-noent", "F-nopos", "F-nomerge", "F-cnn", "F", "FS", "FU", "FSU")
 
 
 def parse_setting(setting: str) -> tuple[str, int]:

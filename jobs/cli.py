@@ -54,7 +54,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _pipeline_options(parser: argparse.ArgumentParser) -> None:
     add_override_flag(parser, "--variant", "variant",
-                      help="overrides the config's variant: F, FS, noext, biaffine, an ablation "
+                      help="overrides the config's variant: F, FS, FU, FSU, noext, biaffine, an ablation "
                            "(F-noent, F-nopos, F-nomerge, F-cnn) or a custom one")
 
 
@@ -111,7 +111,7 @@ SYNTHESIZE = Command("synthesize", "Enriched explanation synthesis (pipeline 2) 
 PREDICT = Command("predict", "Label a large input with a saved KnowFREE model in a pool of Ray actors", _predict,
                   config=ConfigOptions())
 PIPELINE = Command(
-    "pipeline", "the main job on Ray: annotate → merge → train (F), + synthesize → retrain (FS); see jobs.pipeline",
+    "pipeline", "the main job on Ray: annotate → merge → train (F), + synthesize → retrain (FS), + self-train on a pool (FU); see jobs.pipeline",
     _pipeline, _pipeline_options,
     config=ConfigOptions(required=True, help="pipeline YAML config (e.g. configs/demo-pipeline.yaml)",
                          set_help="override a pipeline config key, e.g. --set grid.seeds=[1,2,3] (repeatable)"),
