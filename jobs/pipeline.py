@@ -111,6 +111,29 @@ class AnnotateStage(AnnotateSettings):
 
 
 @dataclass
+class UnlabeledStage:
+    """Self-training (variants FU and FSU): the unlabelled in-domain pool and how its
+    pseudo-labelled sentences are chosen. The pool is read as ``jobs.predict`` reads its input."""
+
+    #: Dataset files (their labels are ignored) or folders of raw text, one sentence a line.
+    input: List[str] = field(default_factory=list)
+    format: Optional[str] = None
+    read_options: Dict[str, Any] = field(default_factory=dict)
+    joiner: str = ""  # raw text: "" splits characters (zh), " " whitespace tokens (en)
+    #: Leave out pool sentences whose text is one of the cell's gold training sentences (a pool
+    #: that is the rest of the training corpus holds the subset too).
+    exclude_training_sentences: bool = True
+    rule: PseudoLabelRule = field(default_factory=PseudoLabelRule)
+    #: Label the pool again with each round's newer model and retrain (1: F's labels only).
+    rounds: int = 1
+    #: The prediction actors (jobs.predict's pool).
+    pool: PoolConfig = field(default_factory=lambda: PoolConfig(num_actors=1, batch_size=32))
+
+    def __post_init__(self) -> None:
+        check_bounds("unlabeled", self, {"rounds": COUNT})
+
+
+@dataclass
 class VariantSpec:
     """A named variant of a cell beside the built-in ones: F's training file (the fused
     samples) or, with ``extension_labels: false``, the plain subset, trained with
@@ -126,13 +149,30 @@ class VariantSpec:
     #: comparison with F and noext stays paired. A mapping, not an AnnotateStage, because only
     #: the keys given replace the cell's; they are checked against the schema on loading.
     annotate: Dict[str, Any] = field(default_factory=dict)
+    #: Self-train as FU does, on this variant's training file plus pseudo samples of a pool:
+    #: ``FU-msra: {self_training: true, unlabeled: {input: [msra_train.txt]}}`` compares an
+    #: out-of-domain pool with the cell's, ``{self_training: true, train_overrides:
+    #: [model.beta_unlabeled=0.5]}`` a weight. The pool is labelled by F's model.
+    self_training: bool = False
+    #: Keys of the cell's ``unlabeled`` settings (UnlabeledStage) that this variant replaces.
+    unlabeled: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.annotation(AnnotateStage())  # an unknown key or a wrong type fails on loading
+        # An unknown key or a wrong type fails on loading.
+        self.annotation(AnnotateStage())
+        self.pool(UnlabeledStage())
+        if self.unlabeled and not self.self_training:
+            raise ConfigError("a custom variant with unlabeled settings needs self_training: true")
+        if self.self_training and not self.extension_labels:
+            raise ConfigError("a self-training custom variant builds on F's training file: extension_labels must be true")
 
     def annotation(self, cell: AnnotateStage) -> AnnotateStage:
         """This variant's annotate settings: ``cell``'s with the keys of ``annotate`` replaced."""
         return with_changes(cell, self.annotate, "custom variant annotate")
+
+    def pool(self, cell: UnlabeledStage) -> UnlabeledStage:
+        """This variant's self-training settings: ``cell``'s with the keys of ``unlabeled`` replaced."""
+        return with_changes(cell, self.unlabeled, "custom variant unlabeled")
 
 
 @dataclass
@@ -161,29 +201,6 @@ class SynthesisStage:
 
     def __post_init__(self) -> None:
         check_bounds("synthesis", self, {"max_sources": COUNT})
-
-
-@dataclass
-class UnlabeledStage:
-    """Self-training (variants FU and FSU): the unlabelled in-domain pool and how its
-    pseudo-labelled sentences are chosen. The pool is read as ``jobs.predict`` reads its input."""
-
-    #: Dataset files (their labels are ignored) or folders of raw text, one sentence a line.
-    input: List[str] = field(default_factory=list)
-    format: Optional[str] = None
-    read_options: Dict[str, Any] = field(default_factory=dict)
-    joiner: str = ""  # raw text: "" splits characters (zh), " " whitespace tokens (en)
-    #: Leave out pool sentences whose text is one of the cell's gold training sentences (a pool
-    #: that is the rest of the training corpus holds the subset too).
-    exclude_training_sentences: bool = True
-    rule: PseudoLabelRule = field(default_factory=PseudoLabelRule)
-    #: Label the pool again with each round's newer model and retrain (1: F's labels only).
-    rounds: int = 1
-    #: The prediction actors (jobs.predict's pool).
-    pool: PoolConfig = field(default_factory=lambda: PoolConfig(num_actors=1, batch_size=32))
-
-    def __post_init__(self) -> None:
-        check_bounds("unlabeled", self, {"rounds": COUNT})
 
 
 @dataclass
@@ -405,27 +422,26 @@ class Cell:
         self.stages["synthetic_sentences"] = len(synthetic)
         return out
 
-    def pseudo_labeled(self, model_dir: Path, round_number: int) -> list[Sentence]:
+    def pseudo_labeled(self, model_dir: Path, stage: UnlabeledStage, predict_tag: str,
+                       pseudo_tag: str) -> list[Sentence]:
         """Self-training: the pool labelled by the model in ``model_dir``, the sentences the
         rule keeps, with their extension labels (renamed by F's label map), flagged
-        ``pseudo_labeled``. Round 1's folders are ``predict_unlabeled/``, ``pseudo.jsonl`` and
-        ``pseudo_annotate/``; later rounds add ``_r2`` ...."""
-        stage = self.config.unlabeled
+        ``pseudo_labeled``. Folders: ``predict_unlabeled<predict_tag>/``,
+        ``pseudo<pseudo_tag>.jsonl`` and ``pseudo_annotate<pseudo_tag>/``."""
         if not stage.input:
             raise ConfigError("variants FU and FSU need unlabeled.input: the unlabelled in-domain sentences")
-        tag = f"_r{round_number}" if round_number > 1 else ""
-        predictions = self.predict(model_dir, self.root / f"predict_unlabeled{tag}")
+        predictions = self.predict(model_dir, stage, self.root / f"predict_unlabeled{predict_tag}")
         gold = [s.text for s in read_dataset(self.subset(), format="jsonl")] if stage.exclude_training_sentences else []
         with open(predictions, encoding="utf-8") as handle:
             selection = select_pseudo_labeled((json.loads(line) for line in handle if line.strip()), stage.rule, gold)
-        self.stages[f"pseudo{tag}"] = selection.to_dict()
+        self.stages[f"pseudo{pseudo_tag}"] = selection.to_dict()
         if not selection.samples:
-            logger.warning("self-training round %d: no pool sentence passed the rule (%s)", round_number,
+            logger.warning("self-training (pseudo%s): no pool sentence passed the rule (%s)", pseudo_tag,
                            selection.counts)
             return []
-        chosen = self.root / f"pseudo{tag}.jsonl"
+        chosen = self.root / f"pseudo{pseudo_tag}.jsonl"
         write_dataset(selection.samples, chosen)
-        annotated = read_dataset(self.annotate(chosen, self.root / f"pseudo_annotate{tag}"), format="jsonl")
+        annotated = read_dataset(self.annotate(chosen, self.root / f"pseudo_annotate{pseudo_tag}"), format="jsonl")
         label_map_path = self.root / "merge" / "label_map.json"
         if self.config.merge_labels and label_map_path.exists():
             annotated = apply_label_map(annotated, LabelMap.load(label_map_path))
@@ -433,10 +449,9 @@ class Cell:
         # whatever the annotation keeps.
         return [replace(s, pseudo_labeled=True, synthetic=False) for s in annotated]
 
-    def predict(self, model_dir: Path, out: Path) -> Path:
-        """The unlabelled pool labelled by ``model_dir`` (jobs.predict, resumable); returns the
+    def predict(self, model_dir: Path, stage: UnlabeledStage, out: Path) -> Path:
+        """The pool of ``stage`` labelled by ``model_dir`` (jobs.predict, resumable); returns the
         prediction rows' file."""
-        stage = self.config.unlabeled
         config = PredictJobConfig(
             input=list(stage.input), format=stage.format, read_options=dict(stage.read_options),
             joiner=stage.joiner, model=str(model_dir), output_dir=str(out), pool=copy.deepcopy(stage.pool),
@@ -446,22 +461,38 @@ class Cell:
         self.stages[out.name] = summary
         return Path(summary["predictions"])
 
-    def self_trained(self, variant: str, base_file: Path) -> dict:
-        """FU (``base_file`` = fused) or FSU (fused + synthetic): ``unlabeled.rounds`` rounds of
-        labelling the pool and training on ``base_file`` plus the pseudo samples; the last
-        round's metrics."""
+    def self_trained(self, variant: str, base_file: Path, stage: Optional[UnlabeledStage] = None,
+                     overrides: Optional[List[str]] = None) -> dict:
+        """FU (``base_file`` = fused), FSU (fused + synthetic) or a custom self-training variant
+        (its own ``stage``): ``rounds`` rounds of labelling the pool and training on
+        ``base_file`` plus the pseudo samples; the last round's metrics.
+
+        Round 1 labels the pool with F's model, so variants that share the cell's pool share
+        ``predict_unlabeled/``, and those that also share its rule share ``pseudo.jsonl``;
+        later rounds (another model) and other pools get folders tagged with the variant."""
+        cell = self.config.unlabeled
+        stage = stage or cell
+        pool_fields = ("input", "format", "read_options", "joiner")
+        own_pool = any(getattr(stage, name) != getattr(cell, name) for name in pool_fields)
+        own_rule = own_pool or stage.rule != cell.rule or stage.exclude_training_sentences != cell.exclude_training_sentences
+        variant_tag = train_dir(variant)[len("train"):]  # "_fu", "_fsu", "_fu_msra"
         model_dir = self.root / TRAIN_DIRS["F"] / "model"
         metrics: dict = {}
         base = read_dataset(base_file, format="jsonl")
-        for round_number in range(1, self.config.unlabeled.rounds + 1):
-            tag = f"_r{round_number}" if round_number > 1 else ""
-            name = variant + tag.replace("_r", "-r")  # FU, FU-r2 ...
-            pseudo = self.pseudo_labeled(model_dir, round_number)
-            training_file = self.root / f"{train_dir(variant)}{tag}_data.jsonl"
+        for round_number in range(1, stage.rounds + 1):
+            round_tag = f"_r{round_number}" if round_number > 1 else ""
+            later = round_number > 1
+            pseudo = self.pseudo_labeled(
+                model_dir, stage,
+                predict_tag=variant_tag + round_tag if later or own_pool else "",
+                pseudo_tag=variant_tag + round_tag if later or own_rule else "",
+            )
+            name = variant + round_tag.replace("_r", "-r")  # FU, FU-r2 ...
+            training_file = self.root / f"{train_dir(name)}_data.jsonl"
             write_dataset(base + pseudo, training_file)
             self.stages[f"{name} pseudo_sentences"] = len(pseudo)
-            metrics = self.train(name if tag else variant, training_file)
-            model_dir = self.root / (train_dir(variant) + tag) / "model"
+            metrics = self.train(name, training_file, overrides=overrides)
+            model_dir = self.root / train_dir(name) / "model"
         return metrics
 
     def ablation_data(self, variant: str, source: str, left_out: tuple[str, ...]) -> Path:
@@ -509,6 +540,11 @@ class Cell:
         for variant, spec in self.config.custom_variants.items():
             if variant in variants:
                 training_file = self.fused(variant) if spec.extension_labels else self.subset()
+                if spec.self_training:
+                    self.train("F", self.fused())  # its model labels the pool
+                    scores[variant] = _scores(self.self_trained(variant, training_file, spec.pool(self.config.unlabeled),
+                                                                spec.train_overrides))
+                    continue
                 model_changes = None if spec.extension_labels else {"use_extension_labels": False}
                 scores[variant] = _scores(self.train(variant, training_file, model_changes, spec.train_overrides))
         record = {"output_dir": str(self.root), "variants": scores, "stages": self.stages,

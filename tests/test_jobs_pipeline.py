@@ -292,13 +292,19 @@ def test_variant_fu_self_trains_on_an_unlabelled_pool_in_two_rounds(ray_cluster,
         "unlabeled": {"input": [str(tmp_path / "train.jsonl"), str(tmp_path / "pool.jsonl")],
                       "rule": {"min_score": 0.0, "empty_ratio": 1.0}, "rounds": 2, "pool": small_pool},
         "train_resources": {"num_cpus": 1},
+        # a custom self-training variant: the same pool (its predictions are shared), another
+        # rule (its own pseudo file) and weight, one round
+        "custom_variants": {"FU-half": {"self_training": True, "train_overrides": ["model.beta_unlabeled=0.5"],
+                                        "unlabeled": {"rounds": 1, "rule": {"min_score": 0.0, "empty_ratio": 0.0}}}},
+        "grid": {"variants": ["FU", "FU-half"]},
     }
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(pipeline, allow_unicode=True), encoding="utf-8")
     summary = run_pipeline(load_structured(PipelineConfig, str(tmp_path / "pipeline.yaml"), []))
     run = tmp_path / "run"
     for relative in ["train/model", "predict_unlabeled/predictions.jsonl", "pseudo.jsonl",
-                     "pseudo_annotate/annotated.jsonl", "train_fu/model", "predict_unlabeled_r2/predictions.jsonl",
-                     "train_fu_r2/model", "cell.json"]:
+                     "pseudo_annotate/annotated.jsonl", "train_fu/model", "predict_unlabeled_fu_r2/predictions.jsonl",
+                     "pseudo_fu_r2.jsonl", "train_fu_r2/model", "pseudo_fu_half.jsonl", "train_fu_half/model",
+                     "cell.json"]:
         assert (run / relative).exists(), relative
 
     cell = json.loads((run / "cell.json").read_text(encoding="utf-8"))
@@ -314,13 +320,21 @@ def test_variant_fu_self_trains_on_an_unlabelled_pool_in_two_rounds(ray_cluster,
     fu_config = yaml.safe_load((run / "train_fu" / "config.yaml").read_text(encoding="utf-8"))
     assert fu_config["model"]["beta_unlabeled"] == 0.3
     # round 2 labelled the pool with round 1's model; the cell's FU score is the last round's
-    r2 = json.loads((run / "predict_unlabeled_r2" / "summary.json").read_text(encoding="utf-8"))
-    assert r2["model"].endswith("train_fu/model") or "train_fu" in json.dumps(r2)
+    r2 = json.loads((run / "predict_unlabeled_fu_r2" / "summary.json").read_text(encoding="utf-8"))
+    assert r2["model"] == str(run / "train_fu" / "model")
     last = json.loads((run / "train_fu_r2" / "metrics.json").read_text(encoding="utf-8"))
     assert summary["cells"][""]["FU"]["test"] == last["test"]
     assert "| FU |" in capsys.readouterr().out
+    # FU-half: F's predictions of the same pool reused, its own rule (no empty sentences) and weight
+    assert not (run / "predict_unlabeled_fu_half").exists()
+    half = read_dataset(run / "pseudo_fu_half.jsonl")
+    assert half and all(s.spans for s in half) and len(half) == cell["stages"]["pseudo"]["confident"]
+    half_config = yaml.safe_load((run / "train_fu_half" / "config.yaml").read_text(encoding="utf-8"))
+    assert half_config["model"]["beta_unlabeled"] == 0.5
+    assert not (run / "train_fu_half_r2").exists()
 
     again = run_pipeline(load_structured(PipelineConfig, str(tmp_path / "pipeline.yaml"), []))
     assert again["cells"][""]["FU"]["test"] == summary["cells"][""]["FU"]["test"]
+    assert again["cells"][""]["FU-half"]["test"] == summary["cells"][""]["FU-half"]["test"]
     predicted = json.loads((run / "predict_unlabeled" / "summary.json").read_text(encoding="utf-8"))
     assert predicted["written_this_run"] == 0
