@@ -39,6 +39,7 @@ from knowfree_core.annotators.base import Annotator
 from knowfree_core.bounds import COUNT, check_bounds
 from knowfree_core.config import Step, load_structured, structured_to_dict
 from knowfree_core.errors import ConfigError
+from knowfree_core.llm.annotator import LLMAnnotator
 from knowfree_core.llm.engine import EngineConfig, GenerationParams
 
 logger = logging.getLogger("jobs.annotate")
@@ -207,7 +208,9 @@ def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
     for spec in annotator_specs(config):
         annotator = spec.build()
         specs.append(narrow_steps(spec, annotator))
-        if hasattr(annotator, "check_access"):
+        if isinstance(annotator, LLMAnnotator):
+            annotator.check_access("llm.engine")  # the key in this job's config
+        elif hasattr(annotator, "check_access"):
             annotator.check_access()
 
     prepared = prepare_input(config.input, paths.prepared, config.format, dict(config.read_options), config.joiner)

@@ -165,10 +165,9 @@ def run_synthesis(config: SynthesizeJobConfig) -> dict[str, Any]:
         "params": asdict(config.generation),
         "cache": cache,
     }
-    # Fail fast here (unknown engine or prompt, wrong key or model), not once per prompt.
-    probe = Synthesizer(**actor_kwargs)
-    probe.check_access()
-    probe.engine.close()
+    # Fail fast here (unknown engine kind or prompt, no model, wrong key or model, endpoint
+    # down), not once per prompt; a local model is checked for, not loaded.
+    Synthesizer(**actor_kwargs).check_access("engine")
 
     prepared = prepare_input(config.input, paths.prepared, config.format, dict(config.read_options))
     state = {"input": prepared.fingerprint, "sentences": prepared.sentences,

@@ -33,7 +33,7 @@ from knowfree_core.annotation import read_output_rows
 from knowfree_core.bounds import COUNT, check_bounds
 from knowfree_core.errors import ConfigError
 from knowfree_core.llm.cache import AnswerCache, generate_cached
-from knowfree_core.llm.engine import EngineConfig, GenerationParams, LLMEngine, build_engine
+from knowfree_core.llm.engine import EngineConfig, GenerationParams, LLMEngine, build_engine, check_engine_access
 from knowfree_core.prompts import PromptTemplate, load_prompt
 from knowfree_core.records import Sentence
 
@@ -194,10 +194,14 @@ class Synthesizer:
             self._engine = build_engine(spec if isinstance(spec, EngineConfig) else EngineConfig(**spec))
         return self._engine
 
-    def check_access(self) -> None:
-        """Fail fast (wrong key, unknown model) before any row is processed."""
-        if hasattr(self.engine, "check_access"):
-            self.engine.check_access()
+    def check_access(self, key: str = "engine") -> None:
+        """Fail fast (unknown engine kind, missing model, wrong key or model, endpoint down)
+        before any row is processed, without loading a local model (``check_engine_access``)."""
+        spec = self._engine_spec
+        if not isinstance(spec, LLMEngine):
+            check_engine_access(spec if isinstance(spec, EngineConfig) else EngineConfig(**spec), key)
+        elif hasattr(spec, "check_access"):
+            spec.check_access()
 
     def _params(self, continuation: int) -> GenerationParams:
         seed = self.params.seed

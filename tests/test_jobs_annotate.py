@@ -307,3 +307,25 @@ def test_a_pool_larger_than_a_fixed_local_cluster_fails_at_once(tmp_path):
     assert len(errors) == 1 and "needs 3.25 at once" in errors[0] and "pool.num_actors" in errors[0], done.stderr[-2000:]
     assert "has 1 CPUs" in errors[0]
     assert not (tmp_path / "job" / "annotated.jsonl").exists()
+
+
+def test_a_bad_llm_engine_is_one_line_before_any_row_is_dispatched(tmp_path, capsys):
+    """An unknown kind, no model, a missing local model, an endpoint that is down: each is
+    one line naming the key (exit 2) from the driver; no row is prepared or dispatched."""
+    from jobs.cli import ANNOTATE
+    from knowfree_core.commandline import main
+
+    base = ["--set", f"input=[{SAMPLE}]", "--set", f"output_dir={tmp_path / 'job'}", "--set", "annotator=llm"]
+    cases = {
+        "llm.engine.kind: unknown LLM engine 'bogus'; known engines: openai, transformers, vllm":
+            ["llm.engine.kind=bogus", "llm.engine.model=m"],
+        "llm.engine.model is empty": ["llm.engine.kind=openai"],
+        "llm.engine.model: no model folder": ["llm.engine.kind=transformers", f"llm.engine.model={tmp_path / 'none'}"],
+        "cannot reach http://127.0.0.1:9/v1": ["llm.engine.kind=openai", "llm.engine.model=m",
+                                              "llm.engine.base_url=http://127.0.0.1:9/v1", "llm.engine.max_retries=0"],
+    }
+    for expected, overrides in cases.items():
+        code = main(ANNOTATE, base + [arg for value in overrides for arg in ("--set", value)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and expected in err and "Traceback" not in err, err
+        assert not (tmp_path / "job" / "input").exists(), "rows were prepared before the engine was checked"

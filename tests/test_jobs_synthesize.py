@@ -72,3 +72,15 @@ def test_killed_synthesis_actor_loses_and_duplicates_no_source(ray_cluster, llm_
     assert [r.prompt_text for r in llm_stub.requests[asked:]] == ["ping"]
     with pytest.raises(ConfigError, match="generation.temperature"):
         run_synthesis(_config(tmp_path, llm_stub.base_url, "generation.temperature=0.2"))
+
+
+def test_a_bad_engine_fails_in_the_driver_without_loading_a_model(tmp_path):
+    """A missing local model is named without loading anything (the old probe built the
+    engine, loading the model in the driver); an endpoint that is down is named too."""
+    write_dataset(tiny_corpus(4, seed=4), tmp_path / "train.jsonl")
+    with pytest.raises(ConfigError, match=r"^engine\.model: no model folder"):
+        run_synthesis(_config(tmp_path, "http://unused", "engine.kind=transformers",
+                              f"engine.model={tmp_path / 'no-model'}"))
+    with pytest.raises(ConfigError, match=r"cannot reach http://127\.0\.0\.1:9/v1"):
+        run_synthesis(_config(tmp_path, "http://127.0.0.1:9/v1"))
+    assert not (tmp_path / "job" / "input").exists()

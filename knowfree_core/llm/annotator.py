@@ -33,7 +33,9 @@ from knowfree_core.annotators.base import (
 )
 from knowfree_core.annotators.alignment import align_words
 from knowfree_core.llm.cache import AnswerCache, generate_cached
-from knowfree_core.llm.engine import ChatPrompt, Completion, EngineConfig, GenerationParams, LLMEngine, build_engine
+from knowfree_core.llm.engine import (
+    ChatPrompt, Completion, EngineConfig, GenerationParams, LLMEngine, build_engine, check_engine_access,
+)
 from knowfree_core.llm.parsing import ParsedAnswer, parse_entities, parse_pos, parse_words
 from knowfree_core.llm.span_alignment import align_entities, align_pos_with_repair
 from knowfree_core.prompts import PromptTemplate, load_prompt
@@ -93,10 +95,13 @@ class LLMAnnotator(Annotator):
         if self._engine is not None:
             self._engine.close()
 
-    def check_access(self) -> None:
-        """Fail fast on a wrong key or model name (engines that talk to a server only:
-        building a local vllm/transformers engine here would load the model twice)."""
-        if self._engine_config is not None and self._engine_config.kind != "openai":
+    def check_access(self, key: str = "engine") -> None:
+        """Fail fast on an unknown engine kind, a missing model, a wrong key or model name or an
+        endpoint that is down (``check_engine_access``; ``key`` names the config section in
+        the message). A local vllm/transformers engine is checked without building it: that
+        would load the model in the caller and again in every worker."""
+        if self._engine_config is not None:
+            check_engine_access(self._engine_config, key)
             return
         check = getattr(self.engine, "check_access", None)
         if check is not None:

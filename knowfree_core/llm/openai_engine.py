@@ -74,6 +74,7 @@ class OpenAIEngine(LLMEngine):
     """Chat (or, with ``chat_template: plain``, text) completions from an OpenAI-compatible server."""
 
     kind = "openai"
+    remote = True
 
     def __init__(self, config: EngineConfig):
         super().__init__(config)
@@ -140,11 +141,13 @@ class OpenAIEngine(LLMEngine):
             return Completion(error=self._describe(exc))
 
     def check_access(self) -> None:
-        """One 1-token request; raises ConfigError for a wrong key, no permission or an
-        unknown model. A job calls this once before dispatching its prompts: those failures
-        would otherwise turn every prompt of a 50k-sentence job into a rejection."""
-        from openai import AuthenticationError, NotFoundError, PermissionDeniedError
+        """One 1-token request; raises ConfigError for an endpoint that cannot be reached (after
+        the client's retries), a wrong key, no permission or an unknown model. A job calls this
+        once before dispatching its prompts: those failures would otherwise turn every prompt
+        of a 50k-sentence job into a rejection."""
+        from openai import APIConnectionError, AuthenticationError, NotFoundError, PermissionDeniedError
 
+        where = self.config.base_url or "the OpenAI API"
         try:
             if self._plain:
                 self._client.completions.create(model=self.config.model, prompt="ping", max_tokens=1)
@@ -152,13 +155,19 @@ class OpenAIEngine(LLMEngine):
                 self._client.chat.completions.create(
                     model=self.config.model, messages=[{"role": "user", "content": "ping"}], max_tokens=1
                 )
+        except APIConnectionError as exc:  # timeouts too: nothing answered at all
+            attempts = self.config.max_retries + 1
+            raise ConfigError(
+                f"the openai engine cannot reach {where} ({attempts} attempt{'s' * (attempts > 1)}): "
+                f"{self._describe(exc)}; is the server up and base_url right?"
+            ) from None
         except (AuthenticationError, PermissionDeniedError, NotFoundError) as exc:
             raise ConfigError(
                 f"the openai engine cannot use model {self.config.model!r} at "
-                f"{self.config.base_url or 'the OpenAI API'} (key from ${self.config.api_key_env}): "
+                f"{where} (key from ${self.config.api_key_env}): "
                 f"{self._describe(exc)}"
             ) from None
-        except Exception as exc:  # noqa: BLE001 - transient trouble is the retries' business
+        except Exception as exc:  # noqa: BLE001 - a busy server (429, 5xx) is the retries' business
             log.warning("openai engine: access check inconclusive: %s", self._describe(exc))
 
     def _describe(self, exc: BaseException) -> str:
