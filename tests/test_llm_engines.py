@@ -183,7 +183,23 @@ def test_openai_key_scrubbed_from_error_text(llm_stub, monkeypatch):
     monkeypatch.setenv("KNOWFREE_TEST_KEY", SECRET)
     engine = openai_engine(llm_stub)
     assert SECRET not in engine._describe(RuntimeError(f"server said: bad key {SECRET}"))
-    assert engine._describe(RuntimeError(f"bad {SECRET}")) == "RuntimeError: bad ***"
+    assert engine._describe(RuntimeError(f"bad {SECRET}")) == "RuntimeError: bad [redacted]"
+
+
+def test_openai_key_echoed_into_answers_is_scrubbed_before_the_cache(llm_stub, monkeypatch, tmp_path):
+    """A server that echoes the bearer key into its answer: the key is in no completion and
+    in no byte of the answer cache (its WAL included)."""
+    monkeypatch.setenv("KNOWFREE_TEST_KEY", SECRET)
+    llm_stub.answer = lambda r: f"your header was {r.authorization}; twice: {SECRET}"
+    cache = AnswerCache(tmp_path / "answers.sqlite")
+    for plain in ("auto", "plain"):
+        engine = openai_engine(llm_stub, chat_template=plain)
+        [completion] = generate_cached(engine, cache, [chat(f"hello {plain}")], GREEDY, "v1")
+        assert completion.text == "your header was Bearer [redacted]; twice: [redacted]"
+        [cached] = generate_cached(engine, cache, [chat(f"hello {plain}")], GREEDY, "v1")
+        assert cached.cached and cached.text == completion.text
+    stored = b"".join(path.read_bytes() for path in tmp_path.iterdir())
+    assert b"answers" in stored and SECRET.encode() not in stored
 
 
 def test_openai_key_from_a_secret_file_wins_and_a_bad_file_is_named_not_shown(llm_stub, tmp_path, monkeypatch):
