@@ -41,6 +41,7 @@ from knowfree_core.config import Step, load_structured, structured_to_dict
 from knowfree_core.errors import ConfigError
 from knowfree_core.llm.annotator import LLMAnnotator
 from knowfree_core.llm.engine import EngineConfig, GenerationParams
+from knowfree_core.llm.parsing import DEFAULT_MAX_ANSWER_CHARS
 
 logger = logging.getLogger("jobs.annotate")
 
@@ -59,6 +60,11 @@ class LLMSettings:
     source_prefix: str = "llm"
     #: all: every occurrence of an answered entity in the sentence; first: the first only.
     entity_mode: Literal["all", "first"] = "all"
+    #: A longer answer is a counted rejection ("answer too long") and is not parsed.
+    max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS
+
+    def __post_init__(self) -> None:
+        check_bounds("llm", self, {"max_answer_chars": COUNT})
 
 
 @dataclass
@@ -132,6 +138,7 @@ def _llm_options(config: AnnotateJobConfig) -> dict[str, Any]:
         "cache": llm.cache or str(Path(config.output_dir).resolve() / "answers.sqlite"),
         "source_prefix": llm.source_prefix,
         "entity_mode": llm.entity_mode,
+        "max_answer_chars": llm.max_answer_chars,
     }
 
 
@@ -170,6 +177,10 @@ def _settings_that_change_results(config: AnnotateJobConfig) -> dict[str, Any]:
     # The engine's speed-only settings and the cache location change how fast, not what is computed.
     llm = settings["llm"] | {"engine": config.llm.engine.answer_settings()}
     llm.pop("cache", None)
+    if llm["max_answer_chars"] == DEFAULT_MAX_ANSWER_CHARS:
+        # Compared only when changed: output folders of the versions before the bound still
+        # resume (their answers were within it in all but pathological cases).
+        del llm["max_answer_chars"]
     keys = ("annotator", "annotator_options", "steps", "max_units", "joiner", "read_options")
     compared = {k: settings[k] for k in keys}
     if config.annotators:

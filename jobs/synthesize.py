@@ -37,6 +37,7 @@ from knowfree_core.bounds import COUNT, check_bounds
 from knowfree_core.config import load_structured, structured_to_dict
 from knowfree_core.errors import ConfigError
 from knowfree_core.llm.engine import EngineConfig, GenerationParams
+from knowfree_core.llm.parsing import DEFAULT_MAX_ANSWER_CHARS
 from knowfree_core.synthesis import DEFAULT_SYNTHESIS_PARAMS, SynthesisSettings, Synthesizer, SyntheticLabeler, collect_synthesis
 
 logger = logging.getLogger("jobs.synthesize")
@@ -122,6 +123,9 @@ def label_schema():
 
 def _settings_that_change_results(config: SynthesizeJobConfig) -> dict[str, Any]:
     settings = structured_to_dict(config) | {"engine": config.engine.answer_settings()}
+    if settings["synthesis"]["max_answer_chars"] == DEFAULT_MAX_ANSWER_CHARS:
+        # Compared only when changed: output folders of the versions before the bound resume.
+        del settings["synthesis"]["max_answer_chars"]
     return {k: settings[k] for k in ("engine", "generation", "synthesis", "format", "read_options")}
 
 

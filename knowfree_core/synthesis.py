@@ -33,13 +33,15 @@ from knowfree_core.annotation import read_output_rows
 from knowfree_core.bounds import COUNT, check_bounds
 from knowfree_core.errors import ConfigError
 from knowfree_core.llm.cache import AnswerCache, generate_cached
-from knowfree_core.llm.engine import EngineConfig, GenerationParams, LLMEngine, build_engine, check_engine_access
+from knowfree_core.llm.engine import (
+    REASON_ENGINE_ERROR, EngineConfig, GenerationParams, LLMEngine, build_engine, check_engine_access,
+)
+from knowfree_core.llm.parsing import DEFAULT_MAX_ANSWER_CHARS, answer_too_long
 from knowfree_core.prompts import PromptTemplate, load_prompt
 from knowfree_core.records import Sentence
 
 logger = logging.getLogger(__name__)
 
-REASON_ENGINE_ERROR = "engine error"
 REASON_EMPTY = "empty answer"
 REASON_TOO_SHORT = "sentence too short"
 REASON_TOO_LONG = "sentence too long"
@@ -80,6 +82,8 @@ class SynthesisSettings:
         Keep at most this many sentences per source sentence (the first ones of its answers;
         the rest are counted as ``over max_per_source``). None keeps all: the paper does not
         cap, but on a slow machine the synthetic set sets the retraining time.
+    max_answer_chars
+        A longer answer is a counted rejection ("answer too long") and is not split.
     """
 
     language: str = "zh"
@@ -88,11 +92,12 @@ class SynthesisSettings:
     min_units: int = 5
     max_units: int = 160
     max_per_source: int | None = None
+    max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS
 
     def __post_init__(self) -> None:
         # ConfigError (a ValueError): a config file's bad value is one line naming the key.
         check_bounds("synthesis", self, {"continuations": COUNT, "max_per_source": COUNT,
-                                         "min_units": COUNT, "max_units": COUNT})
+                                         "min_units": COUNT, "max_units": COUNT, "max_answer_chars": COUNT})
         if self.min_units > self.max_units:
             raise ConfigError(
                 f"synthesis: need min_units <= max_units, got {self.min_units} and {self.max_units}"
@@ -239,7 +244,11 @@ class Synthesizer:
                     raw.append(None)
                     rejections.append({"reason": REASON_ENGINE_ERROR, "detail": str(answer.error)})
                     continue
-                raw.append(answer.text)
+                too_long = answer_too_long(answer.text, self.settings.max_answer_chars)
+                raw.append(answer.text[: self.settings.max_answer_chars])
+                if too_long is not None:
+                    rejections.append({"reason": too_long.reason, "detail": too_long.detail})
+                    continue
                 pieces = split_into_sentences(answer.text, sentence.joiner)
                 if not pieces:
                     rejections.append({"reason": REASON_EMPTY, "detail": f"continuation {continuation}"})
