@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from knowfree_core.annotation import read_output_rows
+from knowfree_core.annotation import collect_rows, write_failed_list
 from knowfree_core.bounds import COUNT, check_bounds
 from knowfree_core.errors import ConfigError
 from knowfree_core.llm.cache import AnswerCache, generate_cached
@@ -313,6 +313,9 @@ class Synthesizer:
 @dataclass
 class SynthesisSummary:
     sources: int = 0
+    #: Sources with an engine error (in failed.jsonl): their other answers are kept, but they
+    #: are not recorded as done, so the same command asks them again.
+    engine_failed_rows: int = 0
     sources_with_entities: int = 0
     answers: int = 0
     synthetic_sentences: int = 0
@@ -332,29 +335,33 @@ class SynthesisSummary:
             f"synthetic sentences  {self.synthetic_sentences}",
             f"dropped              {self.rejections}",
         ]
+        if self.engine_failed_rows:
+            lines.insert(1, f"engine failed        {self.engine_failed_rows} sources (failed.jsonl; the same "
+                            "command asks them again)")
         lines += [f"  {reason:<28} {n}" for reason, n in sorted(self.rejections_by_reason.items(), key=lambda x: -x[1])]
         if self.wall_seconds is not None:
             lines.append(f"wall time            {self.wall_seconds:.1f} s")
         return "\n".join(lines)
 
 
-def collect_synthesis(rows_dir: str | Path, out_path: str | Path, exp_version_prefix: str = "exp") -> tuple[SynthesisSummary, int]:
+def collect_synthesis(
+    rows_dir: str | Path, out_path: str | Path, exp_version_prefix: str = "exp",
+    failed_dir: str | Path | None = None, failed_list: str | Path | None = None,
+) -> tuple[SynthesisSummary, int]:
     """Write the synthetic sentences of every row (in source order, each sentence once: a
     sentence another source already produced is dropped and counted) to ``out_path`` as
-    JSONL; returns the summary and the number of duplicate rows (a retried batch) dropped."""
-    rows = read_output_rows(rows_dir)
-    seen_ids: set[str] = set()
+    JSONL; returns the summary and the number of duplicate rows (a retried batch) dropped.
+    The engine-failed rows of ``failed_dir`` count and contribute as in
+    :func:`knowfree_core.annotation.collect_output`, and ``failed_list`` lists them."""
+    collected = collect_rows(rows_dir, failed_dir)
+    if failed_list is not None:
+        write_failed_list(collected.failed, failed_list)
     seen_texts: set[str] = set()
-    summary = SynthesisSummary()
+    summary = SynthesisSummary(engine_failed_rows=len(collected.failed))
     reasons: Counter[str] = Counter()
     versions: Counter[str] = Counter()
-    duplicates = 0
     with open(out_path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            if row["id"] in seen_ids:
-                duplicates += 1
-                continue
-            seen_ids.add(row["id"])
+        for row in collected.rows:
             summary.sources += 1
             versions[row["prompt_version"]] += 1
             if str(row["prompt_version"]).startswith(exp_version_prefix):
@@ -373,7 +380,7 @@ def collect_synthesis(rows_dir: str | Path, out_path: str | Path, exp_version_pr
     summary.rejections = sum(reasons.values())
     summary.rejections_by_reason = dict(reasons)
     summary.prompt_versions = dict(versions)
-    return summary, duplicates
+    return summary, collected.duplicates
 
 
 # -- labelling with the frozen pipeline-1 model ---------------------------------------------
