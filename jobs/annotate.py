@@ -97,9 +97,12 @@ class AnnotateSettings:
     #: the sentences had an engine error; such sentences are never recorded as done, and the
     #: same command asks them again. 0: any engine error fails the run; 1: none does.
     max_error_rate: float = 0.2
+    #: More distinct extension labels than this is a warning in the summary (the run goes on):
+    #: an LLM inventing types grows the label map without bound.
+    max_extension_labels: int = 500
 
     def __post_init__(self) -> None:
-        check_bounds("", self, {"max_units": COUNT, "max_error_rate": PROBABILITY})
+        check_bounds("", self, {"max_units": COUNT, "max_error_rate": PROBABILITY, "max_extension_labels": COUNT})
 
 
 @dataclass
@@ -251,6 +254,7 @@ def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
             f"{summary.sentences} of {prepared.sentences} sentences were written or set aside as failed; "
             "rerun the same command to finish the rest"
         )
+    summary.check_label_growth(config.max_extension_labels)
     summary.wall_seconds = wall
     summary.sentences_per_second = written_now / wall if written_now and wall > 0 else None
     result = summary.to_dict() | {

@@ -297,6 +297,8 @@ class AnnotationSummary:
     annotated: int = 0
     extension_spans: int = 0
     spans_by_source: dict[str, int] = field(default_factory=dict)
+    #: Distinct extension labels: what the label map (and the model's label space) grows to.
+    extension_labels: int = 0
     rejections: int = 0
     rejections_by_reason: dict[str, int] = field(default_factory=dict)
     #: Several annotators: which of them rejected what (rows of older jobs have no annotator).
@@ -305,9 +307,22 @@ class AnnotationSummary:
     annotator_seconds: float = 0.0
     wall_seconds: float | None = None
     sentences_per_second: float | None = None
+    #: What the run should not pass silently but that does not fail it (shown in the table).
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def check_label_growth(self, max_extension_labels: int) -> None:
+        """A warning when the run produced more distinct extension labels than
+        ``max_extension_labels``: an LLM that invents a type per answer grows the label map
+        (and the model's label space) without bound."""
+        if self.extension_labels > max_extension_labels:
+            self.warnings.append(
+                f"{self.extension_labels} distinct extension labels, more than max_extension_labels "
+                f"{max_extension_labels}: the label map grows with every new type; merge them "
+                "(jobs.merge_labels) or look at the answers"
+            )
 
     def table(self) -> str:
         lines = [
@@ -315,6 +330,7 @@ class AnnotationSummary:
             f"extension spans      {self.extension_spans}",
         ]
         lines += [f"  {source:<18} {n}" for source, n in sorted(self.spans_by_source.items())]
+        lines.append(f"extension labels     {self.extension_labels}")
         lines.append(f"rejections           {self.rejections} (in {self.sentences_with_rejections} sentences)")
         if self.engine_failed_rows:
             lines.append(f"engine failed        {self.engine_failed_rows} sentences (failed.jsonl; the same "
@@ -324,6 +340,7 @@ class AnnotationSummary:
             lines += [f"  by {name:<37} {n}" for name, n in sorted(self.rejections_by_annotator.items())]
         if self.sentences_per_second is not None:
             lines.append(f"throughput           {self.sentences_per_second:.1f} sentences/s over {self.wall_seconds:.1f} s")
+        lines += [f"warning: {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
 
@@ -332,10 +349,12 @@ def summarize(rows: Iterable[dict[str, Any]]) -> AnnotationSummary:
     by_source: Counter[str] = Counter()
     by_reason: Counter[str] = Counter()
     by_annotator: Counter[str] = Counter()
+    labels: set[str] = set()
     for row in rows:
         summary.sentences += 1
         record = json.loads(row["record"])
         by_source.update(span.get("source", "") for span in record.get("extension_spans", []))
+        labels.update(span.get("label", "") for span in record.get("extension_spans", []))
         rejections = json.loads(row["rejections"])
         if rejections:
             summary.sentences_with_rejections += 1
@@ -344,6 +363,7 @@ def summarize(rows: Iterable[dict[str, Any]]) -> AnnotationSummary:
         summary.annotator_seconds += float(row.get("seconds") or 0.0)
     summary.extension_spans = sum(by_source.values())
     summary.spans_by_source = dict(by_source)
+    summary.extension_labels = len(labels)
     summary.rejections = sum(by_reason.values())
     summary.rejections_by_reason = dict(by_reason)
     summary.rejections_by_annotator = dict(by_annotator)

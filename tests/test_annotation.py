@@ -131,3 +131,21 @@ def test_engine_failed_rows_are_collected_counted_listed_and_checked_against_the
                                        "max_error_rate 0.2; commonest error (1 of them): ent: engine error #1")
     with pytest.raises(KnowFreeError):
         check_error_rate(listed, 1000, 0.0)
+
+
+def test_more_extension_labels_than_the_limit_is_a_warning_in_the_summary(tmp_path):
+    rows = []
+    for i in range(4):
+        record = {"id": f"s{i}", "units": list("北京"),
+                  "extension_spans": [{"start": 0, "end": 2, "label": f"ENT-类型{i % 3}", "source": "llm:ent"},
+                                      {"start": 0, "end": 2, "label": "SEG", "source": "llm:seg"}]}
+        rows.append({"id": f"s{i}", "order": i, "record": json.dumps(record, ensure_ascii=False), "rejections": "[]"})
+    _write(tmp_path / "rows", "a.json", rows)
+    summary, _ = collect_output(tmp_path / "rows", tmp_path / "annotated.jsonl")
+    assert summary.extension_labels == 4
+    summary.check_label_growth(4)
+    assert summary.warnings == []
+    summary.check_label_growth(3)
+    (warning,) = summary.to_dict()["warnings"]
+    assert warning.startswith("4 distinct extension labels, more than max_extension_labels 3")
+    assert f"warning: {warning}" in summary.table().splitlines()

@@ -364,7 +364,8 @@ def _llm_config(tmp_path: Path, stub, *overrides: str):
                    "llm.engine.max_retries=0", *overrides)
 
 
-def test_engine_failed_sentences_are_not_done_and_the_same_command_asks_them_again(ray_cluster, llm_stub, tmp_path):
+def test_engine_failed_sentences_are_not_done_and_the_same_command_asks_them_again(ray_cluster, llm_stub, tmp_path,
+                                                                                   capsys):
     """A third of the P_ent prompts get 500s: the run writes every sentence but records those
     as failed, not done, and exits non-zero (over max_error_rate); the same command then asks
     exactly those prompts again and ends with every id exactly once. Sentences rejected for
@@ -379,7 +380,8 @@ def test_engine_failed_sentences_are_not_done_and_the_same_command_asks_them_aga
         if "命名实体" in request.prompt_text:
             if sentence in failing and not healthy[0]:
                 return StubReply(status=500, text="overloaded")
-            return json.dumps([{"entity": sentence[:2], "type": "测试"}], ensure_ascii=False)
+            return json.dumps([{"entity": sentence[:2], "type": "测试"}, {"entity": sentence[-2:], "type": "其他"}],
+                              ensure_ascii=False)
         return "抱歉，我无法回答" if request.prompt_text != "ping" else "pong"
 
     llm_stub.answer = answer
@@ -419,9 +421,18 @@ def test_engine_failed_sentences_are_not_done_and_the_same_command_asks_them_aga
     # the garbage segmentations are still counted, once per sentence
     assert sum(n for reason, n in again["rejections_by_reason"].items() if reason.startswith("seg:")) >= 12
 
-    # done: the same command asks nothing
+    assert again["extension_labels"] == 2 and again["warnings"] == []
+
+    # done: the same command asks nothing; a label map past max_extension_labels is a warning
+    # in the summary and the printed table, not a failure
     asked_before = asked()
-    assert run_annotation(config)["written_this_run"] == 0 and asked() == asked_before
+    capsys.readouterr()
+    config.max_extension_labels = 1
+    done = run_annotation(config)
+    assert done["written_this_run"] == 0 and asked() == asked_before
+    (warning,) = done["warnings"]
+    assert "2 distinct extension labels, more than max_extension_labels 1" in warning
+    assert f"warning: {warning}" in capsys.readouterr().out.splitlines()
 
 
 def test_an_endpoint_echoing_the_key_leaves_it_in_no_stored_file(ray_cluster, llm_stub, tmp_path):
