@@ -206,9 +206,14 @@ def map_rows_with_actors(
     init_ray(ray_config, min_cpus=pool.num_actors * pool.cpus_per_actor + pool.read_cpus + 1.0,
              settings="pool.num_actors, pool.cpus_per_actor or pool.read_cpus")
     context = ray.data.DataContext.get_current()
-    context.checkpoint_config = CheckpointConfig(
+    checkpoint = CheckpointConfig(
         id_column="id", checkpoint_path=str(paths.checkpoint), delete_checkpoint_on_success=False
     )
+    # One filter actor, as min_cpus above counts: Ray Data's default pool grows to 10 (a CPU
+    # each), and on a resume (every rerun after engine failures) the grown pool can hold the
+    # slots the write tasks need, so the run waits forever.
+    checkpoint.checkpoint_actor_pool_max_size = 1
+    context.checkpoint_config = checkpoint
     dataset = ray.data.read_json([str(p) for p in shards], num_cpus=pool.read_cpus)
     dataset = dataset.repartition(pool.blocks or 4 * pool.num_actors)
     shutil.rmtree(paths.actor_starts, ignore_errors=True)  # count this run's starts only

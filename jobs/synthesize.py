@@ -147,7 +147,13 @@ def _label(config: SynthesizeJobConfig, synthetic_path: Path, root: Path) -> dic
         return {"sentences": 0, "target_spans": 0, "labeled": str(paths.result)}
     prepared = prepare_input([str(synthetic_path)], paths.prepared, "jsonl")
     state = {"input": prepared.fingerprint, "sentences": prepared.sentences, "model": model_dir}
-    check_or_start(paths, state, config.restart, job="labelling")
+    previous = json.loads(paths.state.read_text(encoding="utf-8")) if paths.state.exists() else None
+    # The synthetic sentences are this job's own output: a rerun that answers the sources an
+    # engine failed before adds to them, and the labels follow (only another model is refused).
+    grown = previous is not None and previous.get("model") == model_dir and previous["input"] != state["input"]
+    if grown:
+        logger.info("the synthetic sentences changed since they were labelled: labelling them again")
+    check_or_start(paths, state, config.restart or grown, job="labelling")
     stage = config.label
     if count_done(paths.rows) < prepared.sentences:
         map_rows_with_actors(
