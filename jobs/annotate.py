@@ -30,16 +30,18 @@ from omegaconf import MISSING
 from .cli import ANNOTATE
 from .common import RayConfig
 from .rowjob import (
-    JobPaths, OutputFormat, PoolConfig, actor_restarts, check_or_start, count_rows, map_rows_with_actors,
+    JobPaths, OutputFormat, PoolConfig, actor_restarts, check_or_start, count_done, map_rows_with_actors,
     row_schema,
 )
 from knowfree_core import commandline
-from knowfree_core.annotation import AnnotatorSpec, BatchAnnotator, collect_output, prepare_input
+from knowfree_core.annotation import AnnotatorSpec, BatchAnnotator, check_error_rate, collect_output, prepare_input
 from knowfree_core.annotators.base import Annotator
-from knowfree_core.bounds import COUNT, check_bounds
+from knowfree_core.bounds import COUNT, PROBABILITY, check_bounds
 from knowfree_core.config import Step, load_structured, structured_to_dict
 from knowfree_core.errors import ConfigError
+from knowfree_core.llm.annotator import LLMAnnotator
 from knowfree_core.llm.engine import EngineConfig, GenerationParams
+from knowfree_core.llm.parsing import DEFAULT_MAX_ANSWER_CHARS
 
 logger = logging.getLogger("jobs.annotate")
 
@@ -58,6 +60,11 @@ class LLMSettings:
     source_prefix: str = "llm"
     #: all: every occurrence of an answered entity in the sentence; first: the first only.
     entity_mode: Literal["all", "first"] = "all"
+    #: A longer answer is a counted rejection ("answer too long") and is not parsed.
+    max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS
+
+    def __post_init__(self) -> None:
+        check_bounds("llm", self, {"max_answer_chars": COUNT})
 
 
 @dataclass
@@ -86,9 +93,16 @@ class AnnotateSettings:
     llm: LLMSettings = field(default_factory=LLMSettings)
     pool: PoolConfig = field(default_factory=PoolConfig)
     restart: bool = False
+    #: The job fails (exit non-zero, after writing its output) when more than this share of
+    #: the sentences had an engine error; such sentences are never recorded as done, and the
+    #: same command asks them again. 0: any engine error fails the run; 1: none does.
+    max_error_rate: float = 0.2
+    #: More distinct extension labels than this is a warning in the summary (the run goes on):
+    #: an LLM inventing types grows the label map without bound.
+    max_extension_labels: int = 500
 
     def __post_init__(self) -> None:
-        check_bounds("", self, {"max_units": COUNT})
+        check_bounds("", self, {"max_units": COUNT, "max_error_rate": PROBABILITY, "max_extension_labels": COUNT})
 
 
 @dataclass
@@ -131,6 +145,7 @@ def _llm_options(config: AnnotateJobConfig) -> dict[str, Any]:
         "cache": llm.cache or str(Path(config.output_dir).resolve() / "answers.sqlite"),
         "source_prefix": llm.source_prefix,
         "entity_mode": llm.entity_mode,
+        "max_answer_chars": llm.max_answer_chars,
     }
 
 
@@ -169,6 +184,10 @@ def _settings_that_change_results(config: AnnotateJobConfig) -> dict[str, Any]:
     # The engine's speed-only settings and the cache location change how fast, not what is computed.
     llm = settings["llm"] | {"engine": config.llm.engine.answer_settings()}
     llm.pop("cache", None)
+    if llm["max_answer_chars"] == DEFAULT_MAX_ANSWER_CHARS:
+        # Compared only when changed: output folders of the versions before the bound still
+        # resume (their answers were within it in all but pathological cases).
+        del llm["max_answer_chars"]
     keys = ("annotator", "annotator_options", "steps", "max_units", "joiner", "read_options")
     compared = {k: settings[k] for k in keys}
     if config.annotators:
@@ -207,14 +226,16 @@ def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
     for spec in annotator_specs(config):
         annotator = spec.build()
         specs.append(narrow_steps(spec, annotator))
-        if hasattr(annotator, "check_access"):
+        if isinstance(annotator, LLMAnnotator):
+            annotator.check_access("llm.engine")  # the key in this job's config
+        elif hasattr(annotator, "check_access"):
             annotator.check_access()
 
     prepared = prepare_input(config.input, paths.prepared, config.format, dict(config.read_options), config.joiner)
     state = {"input": prepared.fingerprint, "sentences": prepared.sentences, "settings": _settings_that_change_results(config)}
     check_or_start(paths, state, config.restart)
-    already = count_rows(paths.rows)
-    logger.info("%d sentences in %d shards; %d rows already written", prepared.sentences, len(prepared.shards), already)
+    already = count_done(paths.rows)
+    logger.info("%d sentences in %d shards; %d already done", prepared.sentences, len(prepared.shards), already)
 
     started = time.perf_counter()
     restarts = {"actor_starts": 0, "actor_restarts": 0}
@@ -224,14 +245,16 @@ def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
         restarts = actor_restarts(paths, config.pool)
     wall = time.perf_counter() - started
 
-    # collect_output reads every row file anyway: rows on disk = unique rows + duplicates
-    summary, duplicates = collect_output(paths.rows, paths.result)
-    written_now = summary.sentences + duplicates - already
+    # The sentences of this run: those done now (written or set aside as engine-failed, which
+    # were not done before) less those done before.
+    summary, duplicates = collect_output(paths.rows, paths.result, paths.failed, paths.failed_list)
+    written_now = summary.sentences - already
     if summary.sentences != prepared.sentences:
         raise RuntimeError(
-            f"{summary.sentences} of {prepared.sentences} sentences were written; rerun the same "
-            "command to finish the rest"
+            f"{summary.sentences} of {prepared.sentences} sentences were written or set aside as failed; "
+            "rerun the same command to finish the rest"
         )
+    summary.check_label_growth(config.max_extension_labels)
     summary.wall_seconds = wall
     summary.sentences_per_second = written_now / wall if written_now and wall > 0 else None
     result = summary.to_dict() | {
@@ -249,6 +272,7 @@ def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
     if restarts["actor_restarts"]:
         print(f"actor restarts       {restarts['actor_restarts']} (their batches were retried)")
     print(f"annotated sentences: {paths.result}")
+    check_error_rate(paths.failed_list, summary.sentences, config.max_error_rate, "sentences")
     return result
 
 

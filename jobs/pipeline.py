@@ -69,7 +69,7 @@ from .predict import PredictJobConfig, run_prediction
 from .rowjob import PoolConfig
 from .synthesize import LabelStage, SynthesizeJobConfig, run_synthesis, sampling_defaults
 from knowfree_core import commandline
-from knowfree_core.bounds import COUNT, NON_NEGATIVE, check_bounds
+from knowfree_core.bounds import COUNT, NON_NEGATIVE, PROBABILITY, check_bounds
 from knowfree_core.config import KnowFreeConfig, Step, load_config, load_structured, with_changes, with_overrides
 from knowfree_core.errors import ConfigError
 from knowfree_core.formats import read_dataset, write_dataset
@@ -198,9 +198,11 @@ class SynthesisStage:
     cache: Optional[str] = None
     pool: PoolConfig = field(default_factory=lambda: PoolConfig(num_actors=1, batch_size=16))
     label: LabelStage = field(default_factory=LabelStage)
+    #: jobs.synthesize's max_error_rate: the share of sources an engine may fail before the run fails.
+    max_error_rate: float = 0.2
 
     def __post_init__(self) -> None:
-        check_bounds("synthesis", self, {"max_sources": COUNT})
+        check_bounds("synthesis", self, {"max_sources": COUNT, "max_error_rate": PROBABILITY})
 
 
 @dataclass
@@ -403,6 +405,7 @@ class Cell:
             input=[str(sources)], format="jsonl", output_dir=str(self.root / "synthesize"),
             engine=stage.engine, generation=stage.generation, synthesis=stage.synthesis, cache=stage.cache,
             label_with=str(f_model), label=stage.label, pool=stage.pool, ray=self.config.ray,
+            max_error_rate=stage.max_error_rate,
         )
         summary_path = self.root / "synthesize" / "summary.json"
         done = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {}

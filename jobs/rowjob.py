@@ -4,6 +4,12 @@ Prepared JSONL shards of ``{"id", "order", "record"}`` rows → ``map_batches`` 
 actors (one row out per row in, same id) → JSONL/Parquet row files, with Ray Data's own
 checkpointing keyed on ``id``: the same command after a crash skips every row already
 written. A rerun with other settings or input is refused unless the job is restarted.
+
+A row the LLM engine failed (an engine-error rejection: endpoint down, 5xx after retries) is
+not done: the pool withholds it from its output batch, so the checkpoint never records its
+id, and writes it to ``failed/`` instead, which the driver clears before each run. The rows
+of ``failed/`` still reach the collected output (with whatever succeeded) and are counted;
+the same command asks them again, paying only for the prompts that failed (answer cache).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 
 from .actor_pool import ActorPool, map_with_actor_pool
 from .common import RayConfig, init_ray
+from knowfree_core.annotation import engine_failed
 from knowfree_core.bounds import COUNT, NON_NEGATIVE, check_bounds
 from knowfree_core.errors import ConfigError
 
@@ -62,6 +69,8 @@ class JobPaths:
     checkpoint = _under_root("checkpoint")  # Ray Data's record of the ids already written
     state = _under_root("job.json")  # the job's settings and input fingerprint (check_or_start)
     summary = _under_root("summary.json")
+    failed = _under_root("failed")  # rows withheld for engine errors this run (withhold_failed)
+    failed_list = _under_root("failed.jsonl")  # their ids and engine errors, for the user
     actor_starts = _under_root("actor_starts")  # one file per actor construction (CountingActor)
 
     @property
@@ -85,18 +94,44 @@ def row_schema(strings: Sequence[str], count: str) -> Any:
     )
 
 
+def withhold_failed(table, failed_dir: str | Path):
+    """``table`` without its engine-failed rows (``annotation.engine_failed``), which go to one
+    new JSONL file in ``failed_dir``: rows missing from the batch are never checkpointed."""
+    import pyarrow as pa
+
+    if "rejections" not in table.column_names or table.num_rows == 0:
+        return table
+    failed = [engine_failed(rejections) for rejections in table.column("rejections").to_pylist()]
+    if not any(failed):
+        return table
+    folder = Path(failed_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = uuid.uuid4().hex
+    partial = folder / f".{name}.part"
+    with open(partial, "w", encoding="utf-8") as handle:
+        for row in table.filter(pa.array(failed)).to_pylist():
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    # Renamed into place: a killed actor leaves a .part file, never half a row to collect.
+    os.replace(partial, folder / f"{name}.jsonl")
+    return table.filter(pa.array([not f for f in failed]))
+
+
 class CountingActor:
     """Wraps a pool actor and leaves one file per construction in ``starts_dir``: Ray Data
     restarts a crashed actor silently, and the files are how a job's summary can say how many
-    restarts (and so batch retries) there were."""
+    restarts (and so batch retries) there were. With ``failed_dir`` it also withholds the
+    rows an engine failed (:func:`withhold_failed`)."""
 
-    def __init__(self, actor_cls: Callable[..., Any], actor_kwargs: dict[str, Any], starts_dir: str):
+    def __init__(self, actor_cls: Callable[..., Any], actor_kwargs: dict[str, Any], starts_dir: str,
+                 failed_dir: Optional[str] = None):
         Path(starts_dir).mkdir(parents=True, exist_ok=True)
         (Path(starts_dir) / f"{os.getpid()}-{uuid.uuid4().hex}").touch()
         self.inner = actor_cls(**actor_kwargs)
+        self.failed_dir = failed_dir
 
     def __call__(self, table):
-        return self.inner(table)
+        out = self.inner(table)
+        return withhold_failed(out, self.failed_dir) if self.failed_dir else out
 
 
 def actor_restarts(paths: JobPaths, pool: PoolConfig) -> dict[str, int]:
@@ -118,9 +153,9 @@ def check_or_start(paths: JobPaths, state: dict[str, Any], restart: bool, job: s
                 f"{', '.join(changed)}; use a new output_dir, or --set restart=true to discard its rows"
             )
     if restart:
-        for path in (paths.rows, paths.checkpoint):
+        for path in (paths.rows, paths.checkpoint, paths.failed):
             shutil.rmtree(path, ignore_errors=True)
-        for path in (paths.result, paths.summary):
+        for path in (paths.result, paths.summary, paths.failed_list):
             path.unlink(missing_ok=True)
     paths.state.write_text(json.dumps(state, ensure_ascii=False, indent=1), encoding="utf-8")
 
@@ -135,20 +170,22 @@ def _changed_keys(previous: Any, current: Any, name: str = "") -> list[str]:
     return changed
 
 
-def count_rows(rows_dir: Path) -> int:
-    """Rows already written (duplicates included)."""
+def count_done(rows_dir: Path) -> int:
+    """Distinct ids already written: what a rerun need not do. Distinct, because a batch
+    retried after a crash may be written twice, and counting its copies could hide a row that
+    is still to do (one an engine failed) behind them."""
     if not rows_dir.exists():
         return 0
-    total = 0
+    ids: set[str] = set()
     for path in rows_dir.rglob("*"):
         if path.suffix == ".json":
-            with open(path, "rb") as handle:
-                total += sum(1 for _ in handle)
+            with open(path, encoding="utf-8") as handle:
+                ids.update(json.loads(line)["id"] for line in handle if line.strip())
         elif path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            total += pq.ParquetFile(path).metadata.num_rows
-    return total
+            ids.update(pq.read_table(path, columns=["id"]).column("id").to_pylist())
+    return len(ids)
 
 
 def map_rows_with_actors(
@@ -169,16 +206,24 @@ def map_rows_with_actors(
     init_ray(ray_config, min_cpus=pool.num_actors * pool.cpus_per_actor + pool.read_cpus + 1.0,
              settings="pool.num_actors, pool.cpus_per_actor or pool.read_cpus")
     context = ray.data.DataContext.get_current()
-    context.checkpoint_config = CheckpointConfig(
+    checkpoint = CheckpointConfig(
         id_column="id", checkpoint_path=str(paths.checkpoint), delete_checkpoint_on_success=False
     )
+    # One filter actor, as min_cpus above counts: Ray Data's default pool grows to 10 (a CPU
+    # each), and on a resume (every rerun after engine failures) the grown pool can hold the
+    # slots the write tasks need, so the run waits forever.
+    checkpoint.checkpoint_actor_pool_max_size = 1
+    context.checkpoint_config = checkpoint
     dataset = ray.data.read_json([str(p) for p in shards], num_cpus=pool.read_cpus)
     dataset = dataset.repartition(pool.blocks or 4 * pool.num_actors)
     shutil.rmtree(paths.actor_starts, ignore_errors=True)  # count this run's starts only
+    # The rows an engine failed last time are not in the checkpoint: this run asks them again.
+    shutil.rmtree(paths.failed, ignore_errors=True)
     dataset = map_with_actor_pool(
         dataset,
         CountingActor,
-        {"actor_cls": actor, "actor_kwargs": actor_kwargs, "starts_dir": str(paths.actor_starts)},
+        {"actor_cls": actor, "actor_kwargs": actor_kwargs, "starts_dir": str(paths.actor_starts),
+         "failed_dir": str(paths.failed)},
         pool,
     )
     if output_format == "parquet":

@@ -28,15 +28,16 @@ from omegaconf import MISSING
 from .cli import SYNTHESIZE
 from .common import RayConfig
 from .rowjob import (
-    JobPaths, OutputFormat, PoolConfig, actor_restarts, check_or_start, count_rows, map_rows_with_actors,
+    JobPaths, OutputFormat, PoolConfig, actor_restarts, check_or_start, count_done, map_rows_with_actors,
     row_schema,
 )
 from knowfree_core import commandline
-from knowfree_core.annotation import collect_output, prepare_input
-from knowfree_core.bounds import COUNT, check_bounds
+from knowfree_core.annotation import check_error_rate, collect_output, prepare_input
+from knowfree_core.bounds import COUNT, PROBABILITY, check_bounds
 from knowfree_core.config import load_structured, structured_to_dict
 from knowfree_core.errors import ConfigError
 from knowfree_core.llm.engine import EngineConfig, GenerationParams
+from knowfree_core.llm.parsing import DEFAULT_MAX_ANSWER_CHARS
 from knowfree_core.synthesis import DEFAULT_SYNTHESIS_PARAMS, SynthesisSettings, Synthesizer, SyntheticLabeler, collect_synthesis
 
 logger = logging.getLogger("jobs.synthesize")
@@ -77,6 +78,13 @@ class SynthesizeJobConfig:
     pool: PoolConfig = field(default_factory=lambda: PoolConfig(num_actors=1, batch_size=16))
     ray: RayConfig = field(default_factory=RayConfig)
     restart: bool = False
+    #: The job fails (exit non-zero, after writing its output) when more than this share of
+    #: the source sentences had an engine error; such sources are never recorded as done, and
+    #: the same command asks them again.
+    max_error_rate: float = 0.2
+
+    def __post_init__(self) -> None:
+        check_bounds("", self, {"max_error_rate": PROBABILITY})
 
 
 class SynthesizeActor:
@@ -122,6 +130,9 @@ def label_schema():
 
 def _settings_that_change_results(config: SynthesizeJobConfig) -> dict[str, Any]:
     settings = structured_to_dict(config) | {"engine": config.engine.answer_settings()}
+    if settings["synthesis"]["max_answer_chars"] == DEFAULT_MAX_ANSWER_CHARS:
+        # Compared only when changed: output folders of the versions before the bound resume.
+        del settings["synthesis"]["max_answer_chars"]
     return {k: settings[k] for k in ("engine", "generation", "synthesis", "format", "read_options")}
 
 
@@ -136,9 +147,15 @@ def _label(config: SynthesizeJobConfig, synthetic_path: Path, root: Path) -> dic
         return {"sentences": 0, "target_spans": 0, "labeled": str(paths.result)}
     prepared = prepare_input([str(synthetic_path)], paths.prepared, "jsonl")
     state = {"input": prepared.fingerprint, "sentences": prepared.sentences, "model": model_dir}
-    check_or_start(paths, state, config.restart, job="labelling")
+    previous = json.loads(paths.state.read_text(encoding="utf-8")) if paths.state.exists() else None
+    # The synthetic sentences are this job's own output: a rerun that answers the sources an
+    # engine failed before adds to them, and the labels follow (only another model is refused).
+    grown = previous is not None and previous.get("model") == model_dir and previous["input"] != state["input"]
+    if grown:
+        logger.info("the synthetic sentences changed since they were labelled: labelling them again")
+    check_or_start(paths, state, config.restart or grown, job="labelling")
     stage = config.label
-    if count_rows(paths.rows) < prepared.sentences:
+    if count_done(paths.rows) < prepared.sentences:
         map_rows_with_actors(
             prepared.shards, paths, LabelActor,
             {"model_dir": model_dir, "batch_size": stage.batch_size, "device": stage.device,
@@ -165,16 +182,15 @@ def run_synthesis(config: SynthesizeJobConfig) -> dict[str, Any]:
         "params": asdict(config.generation),
         "cache": cache,
     }
-    # Fail fast here (unknown engine or prompt, wrong key or model), not once per prompt.
-    probe = Synthesizer(**actor_kwargs)
-    probe.check_access()
-    probe.engine.close()
+    # Fail fast here (unknown engine kind or prompt, no model, wrong key or model, endpoint
+    # down), not once per prompt; a local model is checked for, not loaded.
+    Synthesizer(**actor_kwargs).check_access("engine")
 
     prepared = prepare_input(config.input, paths.prepared, config.format, dict(config.read_options))
     state = {"input": prepared.fingerprint, "sentences": prepared.sentences,
              "settings": _settings_that_change_results(config)}
     check_or_start(paths, state, config.restart, job="synthesis")
-    already = count_rows(paths.rows)
+    already = count_done(paths.rows)
     logger.info("%d source sentences; %d already done", prepared.sentences, already)
     started = time.perf_counter()
     restarts = {"actor_starts": 0, "actor_restarts": 0}
@@ -182,19 +198,26 @@ def run_synthesis(config: SynthesizeJobConfig) -> dict[str, Any]:
         map_rows_with_actors(prepared.shards, paths, SynthesizeActor, actor_kwargs, config.pool, config.ray,
                              config.output_format)
         restarts = actor_restarts(paths, config.pool)
-    summary, duplicates = collect_synthesis(paths.rows, paths.result)
+    summary, duplicates = collect_synthesis(paths.rows, paths.result, failed_dir=paths.failed,
+                                            failed_list=paths.failed_list)
     if summary.sources != prepared.sentences:
         raise RuntimeError(
-            f"{summary.sources} of {prepared.sentences} source sentences were done; rerun the same command"
+            f"{summary.sources} of {prepared.sentences} source sentences were done or set aside as failed; "
+            "rerun the same command"
         )
     summary.wall_seconds = time.perf_counter() - started
     result = summary.to_dict() | {
         "duplicate_rows_dropped": duplicates,
+        "written_this_run": summary.sources - already,
         **restarts,
         "engine": {"kind": config.engine.kind, "model": config.engine.model},
         "synthetic": str(paths.result),
     }
     print(summary.table())
+    if summary.engine_failed_rows:
+        # Before labelling: a run over the rate stops here, and labelling waits for the rerun.
+        paths.summary.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
+        check_error_rate(paths.failed_list, summary.sources, config.max_error_rate, "source sentences")
     if config.label_with:
         result["labelling"] = _label(config, paths.result, paths.root)
         print(f"labelled {result['labelling']['sentences']} synthetic sentences "

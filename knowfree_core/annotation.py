@@ -9,7 +9,9 @@ Flow::
                                                        which is what resume keys on)
     BatchAnnotator(specs)(rows) → output rows          (one per input row, never dropped;
                                                         several annotators run in turn)
-    collect_output(rows_dir) → annotated.jsonl + summary
+    collect_output(rows_dir, failed_dir) → annotated.jsonl + summary
+                                                       (failed_dir: the rows an LLM engine
+                                                        failed, withheld from the checkpoint)
 
 An output row keeps the original sentence with its new extension spans, the raw answers,
 the prompt versions and every rejection with its step and reason.
@@ -28,8 +30,9 @@ from typing import Any, Iterable, Iterator, Sequence
 from knowfree_core.annotators import apply_annotations, get_annotator
 from knowfree_core.annotators.alignment import REASON_TOO_LONG, Rejection
 from knowfree_core.annotators.base import STEPS, AnnotationResult, Annotator
-from knowfree_core.errors import ConfigError, DataFormatError
+from knowfree_core.errors import ConfigError, DataFormatError, KnowFreeError
 from knowfree_core.formats import read_dataset
+from knowfree_core.llm.engine import REASON_ENGINE_ERROR
 from knowfree_core.records import Sentence
 from knowfree_core.retry import run_batch_or_one_by_one
 
@@ -288,9 +291,14 @@ def _too_long(length: int, limit: int) -> Rejection:
 @dataclass
 class AnnotationSummary:
     sentences: int = 0
+    #: Sentences with an engine error (in failed.jsonl): written with what succeeded, but not
+    #: recorded as done, so the same command asks them again.
+    engine_failed_rows: int = 0
     annotated: int = 0
     extension_spans: int = 0
     spans_by_source: dict[str, int] = field(default_factory=dict)
+    #: Distinct extension labels: what the label map (and the model's label space) grows to.
+    extension_labels: int = 0
     rejections: int = 0
     rejections_by_reason: dict[str, int] = field(default_factory=dict)
     #: Several annotators: which of them rejected what (rows of older jobs have no annotator).
@@ -299,9 +307,22 @@ class AnnotationSummary:
     annotator_seconds: float = 0.0
     wall_seconds: float | None = None
     sentences_per_second: float | None = None
+    #: What the run should not pass silently but that does not fail it (shown in the table).
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def check_label_growth(self, max_extension_labels: int) -> None:
+        """A warning when the run produced more distinct extension labels than
+        ``max_extension_labels``: an LLM that invents a type per answer grows the label map
+        (and the model's label space) without bound."""
+        if self.extension_labels > max_extension_labels:
+            self.warnings.append(
+                f"{self.extension_labels} distinct extension labels, more than max_extension_labels "
+                f"{max_extension_labels}: the label map grows with every new type; merge them "
+                "(jobs.merge_labels) or look at the answers"
+            )
 
     def table(self) -> str:
         lines = [
@@ -309,12 +330,17 @@ class AnnotationSummary:
             f"extension spans      {self.extension_spans}",
         ]
         lines += [f"  {source:<18} {n}" for source, n in sorted(self.spans_by_source.items())]
+        lines.append(f"extension labels     {self.extension_labels}")
         lines.append(f"rejections           {self.rejections} (in {self.sentences_with_rejections} sentences)")
+        if self.engine_failed_rows:
+            lines.append(f"engine failed        {self.engine_failed_rows} sentences (failed.jsonl; the same "
+                         "command asks them again)")
         lines += [f"  {reason:<40} {n}" for reason, n in sorted(self.rejections_by_reason.items(), key=lambda x: -x[1])]
         if len(self.rejections_by_annotator) > 1:
             lines += [f"  by {name:<37} {n}" for name, n in sorted(self.rejections_by_annotator.items())]
         if self.sentences_per_second is not None:
             lines.append(f"throughput           {self.sentences_per_second:.1f} sentences/s over {self.wall_seconds:.1f} s")
+        lines += [f"warning: {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
 
@@ -323,10 +349,12 @@ def summarize(rows: Iterable[dict[str, Any]]) -> AnnotationSummary:
     by_source: Counter[str] = Counter()
     by_reason: Counter[str] = Counter()
     by_annotator: Counter[str] = Counter()
+    labels: set[str] = set()
     for row in rows:
         summary.sentences += 1
         record = json.loads(row["record"])
         by_source.update(span.get("source", "") for span in record.get("extension_spans", []))
+        labels.update(span.get("label", "") for span in record.get("extension_spans", []))
         rejections = json.loads(row["rejections"])
         if rejections:
             summary.sentences_with_rejections += 1
@@ -335,6 +363,7 @@ def summarize(rows: Iterable[dict[str, Any]]) -> AnnotationSummary:
         summary.annotator_seconds += float(row.get("seconds") or 0.0)
     summary.extension_spans = sum(by_source.values())
     summary.spans_by_source = dict(by_source)
+    summary.extension_labels = len(labels)
     summary.rejections = sum(by_reason.values())
     summary.rejections_by_reason = dict(by_reason)
     summary.rejections_by_annotator = dict(by_annotator)
@@ -356,19 +385,104 @@ def read_output_rows(rows_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def collect_output(rows_dir: str | Path, out_path: str | Path) -> tuple[AnnotationSummary, int]:
+def engine_failed(rejections: str | Sequence[dict[str, Any]]) -> bool:
+    """Whether a row's rejections (its JSON column, or the list) hold an engine error: the row
+    failed for a passing reason, not for its content, and is not done."""
+    listed = json.loads(rejections) if isinstance(rejections, str) else rejections
+    return any(r.get("reason") == REASON_ENGINE_ERROR for r in listed)
+
+
+@dataclass
+class CollectedRows:
+    """A row job's output: ``rows`` (each id once, in input order), the ``failed`` ones among
+    them (withheld for engine errors), and the ``duplicates`` of written rows dropped."""
+
+    rows: list[dict[str, Any]]
+    failed: list[dict[str, Any]]
+    duplicates: int
+
+
+def collect_rows(rows_dir: str | Path, failed_dir: str | Path | None = None) -> CollectedRows:
+    """The written rows (first copy of an id kept) plus the engine-failed rows of ``failed_dir``
+    whose id was not written: a batch retried after an actor crash may have set a row aside
+    once and written it the next time, and a row set aside twice is one row."""
+    written = read_output_rows(rows_dir)
+    seen: set[str] = set()
+    rows = []
+    for row in written:
+        if row["id"] not in seen:
+            seen.add(row["id"])
+            rows.append(row)
+    duplicates = len(written) - len(rows)
+    failed = []
+    if failed_dir is not None and Path(failed_dir).exists():
+        for row in read_output_rows(failed_dir):
+            if row["id"] not in seen:
+                seen.add(row["id"])
+                failed.append(row)
+    if failed:
+        rows = sorted(rows + failed, key=lambda row: int(row["order"]))
+    return CollectedRows(rows, failed, duplicates)
+
+
+def _engine_errors(row: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in json.loads(row["rejections"]) if r.get("reason") == REASON_ENGINE_ERROR]
+
+
+def write_failed_list(failed: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """``failed.jsonl``: one ``{"id", "order", "errors": [{step, reason, detail ...}]}`` per
+    engine-failed row; written (empty) every run, so it never lists a row that has since
+    succeeded."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in failed:
+            entry = {"id": row["id"], "order": int(row["order"]), "errors": _engine_errors(row)}
+            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+
+def _error_text(error: dict[str, Any]) -> str:
+    """``step: detail`` on one line, cut to a length a one-line message can carry."""
+    text = " ".join(str(error.get("detail", "")).split())[:200]
+    return f"{error['step']}: {text}" if error.get("step") else text
+
+
+def check_error_rate(failed_list: str | Path, total: int, max_error_rate: float, what: str = "rows") -> None:
+    """Raise a one-line KnowFreeError when the rows of ``failed_list`` (failed.jsonl) are more
+    than ``max_error_rate`` of ``total``: a run that mostly failed must not end like one that
+    worked. The message gives the count, the rate and the commonest engine error."""
+    with open(failed_list, encoding="utf-8") as handle:
+        failed = [json.loads(line) for line in handle if line.strip()]
+    if not total or len(failed) / total <= max_error_rate:
+        return
+    errors: Counter[str] = Counter()
+    for entry in failed:
+        # Once per row and error text: a row whose three steps failed alike counts once.
+        errors.update({_error_text(error) for error in entry["errors"]})
+    commonest, times = errors.most_common(1)[0] if errors else ("?", 0)
+    raise KnowFreeError(
+        f"{len(failed)} of {total} {what} ({len(failed) / total:.1%}) failed through engine errors, more than "
+        f"max_error_rate {max_error_rate:g}; commonest error ({times} of them): {commonest}. They are listed in "
+        f"{failed_list} and not recorded as done: the same command asks them again (answers that "
+        "succeeded are cached)"
+    )
+
+
+def collect_output(
+    rows_dir: str | Path, out_path: str | Path, failed_dir: str | Path | None = None,
+    failed_list: str | Path | None = None,
+) -> tuple[AnnotationSummary, int]:
     """Write ``annotated.jsonl`` (the sentences with their extension spans, in input order,
     readable by ``knowfree train``) and return the summary and the number of duplicate ids
-    found (0 when the job wrote every row exactly once; duplicates are dropped, first kept)."""
-    rows = read_output_rows(rows_dir)
-    seen: set[str] = set()
-    unique = []
-    for row in rows:
-        if row["id"] in seen:
-            continue
-        seen.add(row["id"])
-        unique.append(row)
+    found (0 when the job wrote every row exactly once; duplicates are dropped, first kept).
+
+    The engine-failed rows of ``failed_dir`` are in the file too (each sentence with what did
+    succeed, so training sees every sentence) and counted as ``engine_failed_rows``;
+    ``failed_list`` (failed.jsonl) lists them (:func:`write_failed_list`)."""
+    collected = collect_rows(rows_dir, failed_dir)
     with open(out_path, "w", encoding="utf-8") as handle:
-        for row in unique:
+        for row in collected.rows:
             handle.write(row["record"] + "\n")
-    return summarize(unique), len(rows) - len(unique)
+    if failed_list is not None:
+        write_failed_list(collected.failed, failed_list)
+    summary = summarize(collected.rows)
+    summary.engine_failed_rows = len(collected.failed)
+    return summary, collected.duplicates

@@ -29,17 +29,19 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from knowfree_core.annotation import read_output_rows
+from knowfree_core.annotation import collect_rows, write_failed_list
 from knowfree_core.bounds import COUNT, check_bounds
 from knowfree_core.errors import ConfigError
 from knowfree_core.llm.cache import AnswerCache, generate_cached
-from knowfree_core.llm.engine import EngineConfig, GenerationParams, LLMEngine, build_engine
+from knowfree_core.llm.engine import (
+    REASON_ENGINE_ERROR, EngineConfig, GenerationParams, LLMEngine, build_engine, check_engine_access,
+)
+from knowfree_core.llm.parsing import DEFAULT_MAX_ANSWER_CHARS, answer_too_long
 from knowfree_core.prompts import PromptTemplate, load_prompt
 from knowfree_core.records import Sentence
 
 logger = logging.getLogger(__name__)
 
-REASON_ENGINE_ERROR = "engine error"
 REASON_EMPTY = "empty answer"
 REASON_TOO_SHORT = "sentence too short"
 REASON_TOO_LONG = "sentence too long"
@@ -80,6 +82,8 @@ class SynthesisSettings:
         Keep at most this many sentences per source sentence (the first ones of its answers;
         the rest are counted as ``over max_per_source``). None keeps all: the paper does not
         cap, but on a slow machine the synthetic set sets the retraining time.
+    max_answer_chars
+        A longer answer is a counted rejection ("answer too long") and is not split.
     """
 
     language: str = "zh"
@@ -88,11 +92,12 @@ class SynthesisSettings:
     min_units: int = 5
     max_units: int = 160
     max_per_source: int | None = None
+    max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS
 
     def __post_init__(self) -> None:
         # ConfigError (a ValueError): a config file's bad value is one line naming the key.
         check_bounds("synthesis", self, {"continuations": COUNT, "max_per_source": COUNT,
-                                         "min_units": COUNT, "max_units": COUNT})
+                                         "min_units": COUNT, "max_units": COUNT, "max_answer_chars": COUNT})
         if self.min_units > self.max_units:
             raise ConfigError(
                 f"synthesis: need min_units <= max_units, got {self.min_units} and {self.max_units}"
@@ -194,10 +199,14 @@ class Synthesizer:
             self._engine = build_engine(spec if isinstance(spec, EngineConfig) else EngineConfig(**spec))
         return self._engine
 
-    def check_access(self) -> None:
-        """Fail fast (wrong key, unknown model) before any row is processed."""
-        if hasattr(self.engine, "check_access"):
-            self.engine.check_access()
+    def check_access(self, key: str = "engine") -> None:
+        """Fail fast (unknown engine kind, missing model, wrong key or model, endpoint down)
+        before any row is processed, without loading a local model (``check_engine_access``)."""
+        spec = self._engine_spec
+        if not isinstance(spec, LLMEngine):
+            check_engine_access(spec if isinstance(spec, EngineConfig) else EngineConfig(**spec), key)
+        elif hasattr(spec, "check_access"):
+            spec.check_access()
 
     def _params(self, continuation: int) -> GenerationParams:
         seed = self.params.seed
@@ -235,7 +244,11 @@ class Synthesizer:
                     raw.append(None)
                     rejections.append({"reason": REASON_ENGINE_ERROR, "detail": str(answer.error)})
                     continue
-                raw.append(answer.text)
+                too_long = answer_too_long(answer.text, self.settings.max_answer_chars)
+                raw.append(answer.text[: self.settings.max_answer_chars])
+                if too_long is not None:
+                    rejections.append({"reason": too_long.reason, "detail": too_long.detail})
+                    continue
                 pieces = split_into_sentences(answer.text, sentence.joiner)
                 if not pieces:
                     rejections.append({"reason": REASON_EMPTY, "detail": f"continuation {continuation}"})
@@ -300,6 +313,9 @@ class Synthesizer:
 @dataclass
 class SynthesisSummary:
     sources: int = 0
+    #: Sources with an engine error (in failed.jsonl): their other answers are kept, but they
+    #: are not recorded as done, so the same command asks them again.
+    engine_failed_rows: int = 0
     sources_with_entities: int = 0
     answers: int = 0
     synthetic_sentences: int = 0
@@ -319,29 +335,33 @@ class SynthesisSummary:
             f"synthetic sentences  {self.synthetic_sentences}",
             f"dropped              {self.rejections}",
         ]
+        if self.engine_failed_rows:
+            lines.insert(1, f"engine failed        {self.engine_failed_rows} sources (failed.jsonl; the same "
+                            "command asks them again)")
         lines += [f"  {reason:<28} {n}" for reason, n in sorted(self.rejections_by_reason.items(), key=lambda x: -x[1])]
         if self.wall_seconds is not None:
             lines.append(f"wall time            {self.wall_seconds:.1f} s")
         return "\n".join(lines)
 
 
-def collect_synthesis(rows_dir: str | Path, out_path: str | Path, exp_version_prefix: str = "exp") -> tuple[SynthesisSummary, int]:
+def collect_synthesis(
+    rows_dir: str | Path, out_path: str | Path, exp_version_prefix: str = "exp",
+    failed_dir: str | Path | None = None, failed_list: str | Path | None = None,
+) -> tuple[SynthesisSummary, int]:
     """Write the synthetic sentences of every row (in source order, each sentence once: a
     sentence another source already produced is dropped and counted) to ``out_path`` as
-    JSONL; returns the summary and the number of duplicate rows (a retried batch) dropped."""
-    rows = read_output_rows(rows_dir)
-    seen_ids: set[str] = set()
+    JSONL; returns the summary and the number of duplicate rows (a retried batch) dropped.
+    The engine-failed rows of ``failed_dir`` count and contribute as in
+    :func:`knowfree_core.annotation.collect_output`, and ``failed_list`` lists them."""
+    collected = collect_rows(rows_dir, failed_dir)
+    if failed_list is not None:
+        write_failed_list(collected.failed, failed_list)
     seen_texts: set[str] = set()
-    summary = SynthesisSummary()
+    summary = SynthesisSummary(engine_failed_rows=len(collected.failed))
     reasons: Counter[str] = Counter()
     versions: Counter[str] = Counter()
-    duplicates = 0
     with open(out_path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            if row["id"] in seen_ids:
-                duplicates += 1
-                continue
-            seen_ids.add(row["id"])
+        for row in collected.rows:
             summary.sources += 1
             versions[row["prompt_version"]] += 1
             if str(row["prompt_version"]).startswith(exp_version_prefix):
@@ -360,7 +380,7 @@ def collect_synthesis(rows_dir: str | Path, out_path: str | Path, exp_version_pr
     summary.rejections = sum(reasons.values())
     summary.rejections_by_reason = dict(reasons)
     summary.prompt_versions = dict(versions)
-    return summary, duplicates
+    return summary, collected.duplicates
 
 
 # -- labelling with the frozen pipeline-1 model ---------------------------------------------

@@ -11,10 +11,11 @@ from knowfree_core.annotation import (
     REASON_TOO_LONG,
     AnnotatorSpec,
     BatchAnnotator,
+    check_error_rate,
     collect_output,
     prepare_input,
 )
-from knowfree_core.errors import ConfigError, DataFormatError
+from knowfree_core.errors import ConfigError, DataFormatError, KnowFreeError
 from knowfree_core.formats import read_dataset
 
 
@@ -90,3 +91,61 @@ def test_one_bad_sentence_costs_only_itself(tmp_path):
     out = batch(rows)
     reasons = [[r["reason"] for r in json.loads(row["rejections"])] for row in out]
     assert reasons == [[], [REASON_BATCH_FAILED], []]
+
+
+def _row(i: int, *reasons: str) -> dict:
+    rejections = [{"annotator": "llm", "step": "ent", "reason": reason, "detail": f"{reason} #{i % 2}"}
+                  for reason in reasons]
+    record = json.dumps({"id": f"s{i}", "units": list("好的")}, ensure_ascii=False)
+    return {"id": f"s{i}", "order": i, "record": record, "rejections": json.dumps(rejections, ensure_ascii=False),
+            "seconds": 0.0}
+
+
+def _write(folder, name, rows):
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def test_engine_failed_rows_are_collected_counted_listed_and_checked_against_the_rate(tmp_path):
+    rows, failed = tmp_path / "rows", tmp_path / "failed"
+    _write(rows, "a.json", [_row(0), _row(2, "not found"), _row(3, "engine error")])
+    # s1 set aside twice (a retried batch) and s3 set aside once before it was written
+    _write(failed, "x.jsonl", [_row(1, "engine error"), _row(3, "engine error")])
+    _write(failed, "y.jsonl", [_row(1, "engine error"), _row(4, "engine error", "not found")])
+    listed = tmp_path / "failed.jsonl"
+    summary, duplicates = collect_output(rows, tmp_path / "annotated.jsonl", failed, listed)
+    assert duplicates == 0 and summary.sentences == 5 and summary.engine_failed_rows == 2
+    assert [json.loads(line)["id"] for line in (tmp_path / "annotated.jsonl").read_text().splitlines()] == [
+        "s0", "s1", "s2", "s3", "s4"]
+    entries = [json.loads(line) for line in listed.read_text().splitlines()]
+    assert [e["id"] for e in entries] == ["s1", "s4"]
+    assert [[x["reason"] for x in e["errors"]] for e in entries] == [["engine error"], ["engine error"]]
+    # content rejections are counted as before; engine errors too
+    assert summary.rejections_by_reason == {"ent: not found": 2, "ent: engine error": 3}
+    assert "engine failed        2 sentences" in summary.table()
+
+    check_error_rate(listed, 10, 0.2)  # 2 of 10: at the rate, not over it
+    with pytest.raises(KnowFreeError) as error:
+        check_error_rate(listed, 5, 0.2, "sentences")
+    assert str(error.value).startswith("2 of 5 sentences (40.0%) failed through engine errors, more than "
+                                       "max_error_rate 0.2; commonest error (1 of them): ent: engine error #1")
+    with pytest.raises(KnowFreeError):
+        check_error_rate(listed, 1000, 0.0)
+
+
+def test_more_extension_labels_than_the_limit_is_a_warning_in_the_summary(tmp_path):
+    rows = []
+    for i in range(4):
+        record = {"id": f"s{i}", "units": list("北京"),
+                  "extension_spans": [{"start": 0, "end": 2, "label": f"ENT-类型{i % 3}", "source": "llm:ent"},
+                                      {"start": 0, "end": 2, "label": "SEG", "source": "llm:seg"}]}
+        rows.append({"id": f"s{i}", "order": i, "record": json.dumps(record, ensure_ascii=False), "rejections": "[]"})
+    _write(tmp_path / "rows", "a.json", rows)
+    summary, _ = collect_output(tmp_path / "rows", tmp_path / "annotated.jsonl")
+    assert summary.extension_labels == 4
+    summary.check_label_growth(4)
+    assert summary.warnings == []
+    summary.check_label_growth(3)
+    (warning,) = summary.to_dict()["warnings"]
+    assert warning.startswith("4 distinct extension labels, more than max_extension_labels 3")
+    assert f"warning: {warning}" in summary.table().splitlines()

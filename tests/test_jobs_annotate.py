@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from knowfree_core.errors import ConfigError
+from knowfree_core.errors import ConfigError, KnowFreeError
 from knowfree_core.formats import read_dataset
+from llm_stub_server import StubReply
 
 pytest.importorskip("ray")
 from jobs.annotate import annotator_names, load_job_config, run_annotation  # noqa: E402
@@ -417,3 +418,159 @@ def test_a_cluster_left_running_is_not_joined_unasked(ray_start_head, tmp_path):
     done = subprocess.run(local, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert _ids(tmp_path / "job" / "annotated.jsonl") == [s.id for s in read_dataset(SAMPLE)]
+
+
+def test_a_bad_llm_engine_is_one_line_before_any_row_is_dispatched(tmp_path, capsys):
+    """An unknown kind, no model, a missing local model, an endpoint that is down: each is
+    one line naming the key (exit 2) from the driver; no row is prepared or dispatched."""
+    from jobs.cli import ANNOTATE
+    from knowfree_core.commandline import main
+
+    base = ["--set", f"input=[{SAMPLE}]", "--set", f"output_dir={tmp_path / 'job'}", "--set", "annotator=llm"]
+    cases = {
+        "llm.engine.kind: unknown LLM engine 'bogus'; known engines: openai, transformers, vllm":
+            ["llm.engine.kind=bogus", "llm.engine.model=m"],
+        "llm.engine.model is empty": ["llm.engine.kind=openai"],
+        "llm.engine.model: no model folder": ["llm.engine.kind=transformers", f"llm.engine.model={tmp_path / 'none'}"],
+        "cannot reach http://127.0.0.1:9/v1": ["llm.engine.kind=openai", "llm.engine.model=m",
+                                              "llm.engine.base_url=http://127.0.0.1:9/v1", "llm.engine.max_retries=0"],
+    }
+    for expected, overrides in cases.items():
+        code = main(ANNOTATE, base + [arg for value in overrides for arg in ("--set", value)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and expected in err and "Traceback" not in err, err
+        assert not (tmp_path / "job" / "input").exists(), "rows were prepared before the engine was checked"
+
+
+def test_the_pool_withholds_engine_failed_rows_into_their_own_file(tmp_path):
+    """What keeps a failed row out of Ray Data's checkpoint: it is not in the batch returned."""
+    import pyarrow as pa
+
+    from jobs.annotate import output_schema
+    from jobs.rowjob import withhold_failed
+
+    def row(i, reason=None):
+        rejections = [{"annotator": "llm", "step": "ent", "reason": reason, "detail": "x"}] if reason else []
+        return {"id": f"s{i}", "order": i, "record": "{}", "annotator": "llm", "raw_answers": "{}",
+                "prompt_versions": "{}", "rejections": json.dumps(rejections), "n_spans": 0,
+                "n_rejections": len(rejections), "seconds": 0.0}
+
+    table = pa.Table.from_pylist([row(0), row(1, "engine error"), row(2, "not found")], schema=output_schema())
+    kept = withhold_failed(table, tmp_path / "failed")
+    assert kept.schema == table.schema and kept.column("id").to_pylist() == ["s0", "s2"]
+    (written,) = list((tmp_path / "failed").iterdir())
+    assert written.suffix == ".jsonl" and [json.loads(line)["id"] for line in written.read_text().splitlines()] == ["s1"]
+    assert withhold_failed(kept, tmp_path / "failed") is kept  # nothing failed: the batch as it was
+
+
+def _rows_ids(job: Path) -> list[str]:
+    return [json.loads(line)["id"] for path in (job / "rows").glob("*.json")
+            for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _llm_config(tmp_path: Path, stub, *overrides: str):
+    return _config(tmp_path, "annotator=llm", "steps=[ent,seg]", "pool.num_actors=1", "pool.batch_size=4",
+                   "llm.engine.kind=openai", "llm.engine.model=stub", f"llm.engine.base_url={stub.base_url}",
+                   "llm.engine.max_retries=0", *overrides)
+
+
+def test_engine_failed_sentences_are_not_done_and_the_same_command_asks_them_again(ray_cluster, llm_stub, tmp_path,
+                                                                                   capsys):
+    """A third of the P_ent prompts get 500s: the run writes every sentence but records those
+    as failed, not done, and exits non-zero (over max_error_rate); the same command then asks
+    exactly those prompts again and ends with every id exactly once. Sentences rejected for
+    their content (garbage P_seg answers) stay done and are not asked again."""
+    small = _first_sentences(tmp_path, 12)
+    sentences = read_dataset(small)
+    failing = {s.text for s in sentences[:4]}
+    healthy = [False]
+
+    def answer(request):
+        sentence = request.prompt_text.rsplit("输入：", 1)[-1].strip()
+        if "命名实体" in request.prompt_text:
+            if sentence in failing and not healthy[0]:
+                return StubReply(status=500, text="overloaded")
+            return json.dumps([{"entity": sentence[:2], "type": "测试"}, {"entity": sentence[-2:], "type": "其他"}],
+                              ensure_ascii=False)
+        return "抱歉，我无法回答" if request.prompt_text != "ping" else "pong"
+
+    llm_stub.answer = answer
+    config = _llm_config(tmp_path, llm_stub, f"input=[{small}]")
+    job = Path(config.output_dir)
+    with pytest.raises(KnowFreeError) as error:
+        run_annotation(config)
+    message = str(error.value)
+    assert "\n" not in message
+    for part in ("4 of 12 sentences (33.3%) failed through engine errors", "max_error_rate 0.2",
+                 "ent: InternalServerError", "overloaded", "asks them again"):
+        assert part in message, message
+    summary = json.loads((job / "summary.json").read_text(encoding="utf-8"))
+    assert summary["engine_failed_rows"] == 4 and summary["sentences"] == 12
+    failed_ids = {s.id for s in sentences[:4]}
+    listed = [json.loads(line) for line in (job / "failed.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert {entry["id"] for entry in listed} == failed_ids
+    assert all(e["step"] == "ent" and e["reason"] == "engine error" for entry in listed for e in entry["errors"])
+    # every sentence is in the training file; only the others are recorded as done
+    assert _ids(job / "annotated.jsonl") == [s.id for s in sentences]
+    assert sorted(_rows_ids(job)) == sorted(s.id for s in sentences[4:])
+
+    def asked():
+        return sorted(r.prompt_text for r in llm_stub.requests if r.prompt_text != "ping")
+
+    before = len(llm_stub.requests)
+    healthy[0] = True
+    again = run_annotation(config)
+    rerun = sorted(r.prompt_text for r in llm_stub.requests[before:] if r.prompt_text != "ping")
+    assert len(rerun) == 4 and all("命名实体" in p and p.rsplit("输入：", 1)[-1].strip() in failing for p in rerun)
+    assert again["engine_failed_rows"] == 0 and again["written_this_run"] == 4
+    assert (job / "failed.jsonl").read_text(encoding="utf-8") == ""
+    ids = _rows_ids(job)
+    assert sorted(ids) == sorted(s.id for s in sentences) and len(ids) == len(set(ids))
+    assert _ids(job / "annotated.jsonl") == [s.id for s in sentences]
+    assert again["spans_by_source"]["llm:ent"] >= 12
+    # the garbage segmentations are still counted, once per sentence
+    assert sum(n for reason, n in again["rejections_by_reason"].items() if reason.startswith("seg:")) >= 12
+
+    assert again["extension_labels"] == 2 and again["warnings"] == []
+
+    # done: the same command asks nothing; a label map past max_extension_labels is a warning
+    # in the summary and the printed table, not a failure
+    asked_before = asked()
+    capsys.readouterr()
+    config.max_extension_labels = 1
+    done = run_annotation(config)
+    assert done["written_this_run"] == 0 and asked() == asked_before
+    (warning,) = done["warnings"]
+    assert "2 distinct extension labels, more than max_extension_labels 1" in warning
+    assert f"warning: {warning}" in capsys.readouterr().out.splitlines()
+
+
+def test_an_endpoint_echoing_the_key_leaves_it_in_no_stored_file(ray_cluster, llm_stub, tmp_path):
+    """The bearer key echoed into answers (as an entity type too) and into error texts is in
+    no byte of rows/, annotated.jsonl, failed.jsonl, summary.json or answers.sqlite."""
+    secret = "sk-job-echo-0123456789-SECRET"
+    (tmp_path / "key").write_text(secret + "\n", encoding="utf-8")
+    small = _first_sentences(tmp_path, 4)
+    first = read_dataset(small)[0].text
+
+    def answer(request):
+        if request.prompt_text == "ping":
+            return "pong"
+        sentence = request.prompt_text.rsplit("输入：", 1)[-1].strip()
+        if sentence == first:
+            return StubReply(status=500, text=f"bad request from {request.authorization}")
+        return json.dumps([{"entity": sentence[:2], "type": request.authorization}, "key: " + secret],
+                          ensure_ascii=False)
+
+    llm_stub.answer = answer
+    summary = run_annotation(_llm_config(tmp_path, llm_stub, f"input=[{small}]", f"llm.engine.api_key_file={tmp_path / 'key'}",
+                                         "max_error_rate=0.5"))
+    assert set(llm_stub.authorizations) == {f"Bearer {secret}"}
+    assert summary["engine_failed_rows"] == 1 and summary["spans_by_source"]["llm:ent"] >= 3
+    job = tmp_path / "job"
+    labels = {e.label for s in read_dataset(job / "annotated.jsonl") for e in s.extension_spans}
+    assert "ENT-Bearer [redacted]" in labels
+    assert "[redacted]" in (job / "failed.jsonl").read_text(encoding="utf-8")
+    stored = [path for path in job.rglob("*") if path.is_file()]
+    assert any(path.name.startswith("answers.sqlite") for path in stored)
+    assert [path for path in stored if secret.encode() in path.read_bytes()] == []

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from knowfree_core.errors import ConfigError
+from llm_stub_server import StubReply
 from knowfree_core.formats import write_dataset
 
 pytest.importorskip("ray")
@@ -72,3 +73,51 @@ def test_killed_synthesis_actor_loses_and_duplicates_no_source(ray_cluster, llm_
     assert [r.prompt_text for r in llm_stub.requests[asked:]] == ["ping"]
     with pytest.raises(ConfigError, match="generation.temperature"):
         run_synthesis(_config(tmp_path, llm_stub.base_url, "generation.temperature=0.2"))
+
+
+def test_a_bad_engine_fails_in_the_driver_without_loading_a_model(tmp_path):
+    """A missing local model is named without loading anything (the old probe built the
+    engine, loading the model in the driver); an endpoint that is down is named too."""
+    write_dataset(tiny_corpus(4, seed=4), tmp_path / "train.jsonl")
+    with pytest.raises(ConfigError, match=r"^engine\.model: no model folder"):
+        run_synthesis(_config(tmp_path, "http://unused", "engine.kind=transformers",
+                              f"engine.model={tmp_path / 'no-model'}"))
+    with pytest.raises(ConfigError, match=r"cannot reach http://127\.0\.0\.1:9/v1"):
+        run_synthesis(_config(tmp_path, "http://127.0.0.1:9/v1"))
+    assert not (tmp_path / "job" / "input").exists()
+
+
+def test_engine_failed_sources_under_max_error_rate_pass_and_are_asked_again(ray_cluster, llm_stub, tmp_path):
+    """2 of 8 sources get 500s, under max_error_rate 0.5: the run ends (exit 0) with them
+    counted and listed, not done; the same command asks exactly their prompts again."""
+    sources = tiny_corpus(8, seed=5)
+    write_dataset(sources, tmp_path / "train.jsonl")
+    failing = {s.text for s in sources[:2]}
+    healthy = [False]
+
+    def answer(request):
+        if not healthy[0] and any(text in request.prompt_text for text in failing):
+            return StubReply(status=500, text="overloaded")
+        return f"续写：{request.prompt_text[-12:-4]}后来发生了很多事情。"
+
+    llm_stub.answer = answer
+    config = _config(tmp_path, llm_stub.base_url, "max_error_rate=0.5")
+    summary = run_synthesis(config)
+    job = tmp_path / "job"
+    assert summary["engine_failed_rows"] == 2 and summary["sources"] == 8
+    listed = [json.loads(line)["id"] for line in (job / "failed.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert sorted(listed) == sorted(s.id for s in sources[:2])
+    done = [json.loads(line)["id"] for path in (job / "rows").glob("*.json")
+            for line in path.read_text(encoding="utf-8").splitlines()]
+    assert sorted(done) == sorted(s.id for s in sources[2:])
+
+    before = len(llm_stub.requests)
+    healthy[0] = True
+    again = run_synthesis(config)
+    rerun = [r.prompt_text for r in llm_stub.requests[before:] if r.prompt_text != "ping"]
+    assert len(rerun) == 2 and all(any(text in p for text in failing) for p in rerun)
+    assert again["engine_failed_rows"] == 0 and again["written_this_run"] == 2
+    done = [json.loads(line)["id"] for path in (job / "rows").glob("*.json")
+            for line in path.read_text(encoding="utf-8").splitlines()]
+    assert sorted(done) == sorted(s.id for s in sources)
+    assert (job / "failed.jsonl").read_text(encoding="utf-8") == ""

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from knowfree_core.annotators import apply_annotations, get_annotator
-from knowfree_core.llm.annotator import REASON_ENGINE_ERROR, REASON_NO_SEGMENTATION
+from knowfree_core.llm.annotator import REASON_ENGINE_ERROR, REASON_NO_SEGMENTATION, REASON_REJECTED_TYPE
+from knowfree_core.llm.parsing import REASON_ANSWER_TOO_LONG
 from knowfree_core.llm.engine import EngineConfig
 from knowfree_core.records import Sentence
 from llm_stub_server import StubReply
@@ -133,3 +134,39 @@ def test_prompt_injection_in_the_corpus_cannot_change_the_output_schema(llm_stub
     assert all(r.reason for r in result.rejections)
     (annotated,) = apply_annotations([sentence], [result])
     annotated.validate()
+
+
+def test_an_answer_past_max_answer_chars_is_a_counted_rejection_and_not_parsed(llm_stub, tmp_path):
+    entities = [{"entity": "北京", "type": "地点"}] * 50  # valid JSON, but 1,500+ characters
+    llm_stub.answer = lambda request: json.dumps(entities, ensure_ascii=False)
+    (result,) = _annotator(llm_stub, tmp_path, max_answer_chars=200).annotate([_sentence(0, CLEAN)], steps=("ent",))
+    assert not result.spans
+    assert [(r.step, r.reason) for r in result.rejections] == [("ent", REASON_ANSWER_TOO_LONG)]
+    assert "max_answer_chars 200" in result.rejections[0].detail
+    assert len(result.raw_answers["ent"]) == 200  # the row keeps the bound's worth of it
+    # within the default bound the same answer is read
+    (result,) = _annotator(llm_stub, tmp_path).annotate([_sentence(0, CLEAN)], steps=("ent",))
+    assert {s.label for s in result.spans} == {"ENT-地点"}
+
+
+def test_types_and_tags_become_labels_only_if_short_printable_and_not_path_like(llm_stub, tmp_path):
+    bad_types = ["很" * 33, "../../etc", "a/b", "a\\b", ".hidden", "地\x00点", "地\x1b[31m点", "零\u200b宽"]
+    good_types = ["地点", " 组织 机构 ", "<script>", "v1.2", "很" * 32]
+
+    def answer(request):
+        if "分词：" in request.prompt_text:
+            return json.dumps([["我", "r"], ["在", "../p"], ["北京大学", "nt"], ["读书", "v\x07"]], ensure_ascii=False)
+        if "命名实体" in request.prompt_text:
+            return json.dumps([{"entity": "北京", "type": t} for t in bad_types + good_types], ensure_ascii=False)
+        return json.dumps(WORDS[CLEAN], ensure_ascii=False)
+
+    llm_stub.answer = answer
+    (result,) = _annotator(llm_stub, tmp_path).annotate([_sentence(0, CLEAN)], steps=("ent", "pos"))
+    labels = {s.label for s in result.spans if s.source == "llm:ent"}
+    assert labels == {"ENT-地点", "ENT-组织 机构", "ENT-<script>", "ENT-v1.2", "ENT-" + "很" * 32}
+    rejected = [r for r in result.rejections if r.reason == REASON_REJECTED_TYPE]
+    assert [r.step for r in rejected] == ["ent"] * len(bad_types) + ["pos"] * 2
+    assert "path-like" in rejected[1].detail and "longer than 32" in rejected[0].detail
+    # a rejected tag leaves its word to the segmentation's fill-in tag
+    pos = {(s.start, s.end, s.label) for s in result.spans if s.source == "llm:pos"}
+    assert pos == {(0, 1, "POS-r"), (1, 2, "POS-X"), (2, 6, "POS-nt"), (6, 8, "POS-X")}

@@ -20,8 +20,11 @@ from knowfree_core.llm.engine import (
     GenerationParams,
     PLAIN_STOP,
     build_engine,
+    check_engine,
+    check_engine_access,
     render_plain,
 )
+from knowfree_core.errors import ConfigError
 from llm_stub_server import StubReply
 from tiny_llm import build_tiny_llm
 
@@ -130,6 +133,38 @@ def test_openai_connection_refused_is_an_error():
     assert completion.error.startswith("APIConnectionError")
 
 
+def test_openai_endpoint_down_is_one_config_error_naming_it():
+    """Nothing listens: the access check says so in one line naming base_url, rather than the
+    job dispatching every prompt to a dead endpoint."""
+    config = EngineConfig(kind="openai", model="m", base_url="http://127.0.0.1:9/v1", api_key_env="KNOWFREE_UNSET",
+                          max_retries=0, timeout_s=2.0)
+    with pytest.raises(ConfigError, match=r"cannot reach http://127\.0\.0\.1:9/v1") as error:
+        check_engine_access(config, "llm.engine")
+    assert "\n" not in str(error.value)
+
+
+def test_engine_preflight_checks_kind_model_and_local_paths_without_loading(tmp_path, monkeypatch):
+    def refused(config, match):
+        with pytest.raises(ConfigError, match=match) as error:
+            check_engine_access(config, "llm.engine")
+        assert "\n" not in str(error.value)
+
+    refused(EngineConfig(kind="bogus", model="m"), r"llm\.engine\.kind: unknown LLM engine 'bogus'; known engines: openai, transformers, vllm")
+    refused(EngineConfig(kind="openai", model=" "), r"llm\.engine\.model is empty")
+    refused(EngineConfig(kind="transformers", model=str(tmp_path / "missing")), r"llm\.engine\.model: no model folder")
+    refused(EngineConfig(kind="vllm", model=str(tmp_path / "missing")), r"llm\.engine\.model: no model folder")
+    # a hub id is what vLLM downloads; offline it must already be in the hub cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    refused(EngineConfig(kind="vllm", model="no-such-owner/no-such-model"), "HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert check_engine(EngineConfig(kind="vllm", model="no-such-owner/no-such-model")).kind == "vllm"
+    (tmp_path / "model").mkdir()
+    refused(EngineConfig(kind="transformers", model=str(tmp_path / "model"), gguf_file="m.gguf"), r"gguf_file")
+    # an existing folder passes and nothing is loaded from it (it holds no model at all)
+    assert check_engine(EngineConfig(kind="transformers", model=str(tmp_path / "model"))).kind == "transformers"
+    check_engine_access(EngineConfig(kind="vllm", model=str(tmp_path / "model")))
+
+
 def test_openai_key_sent_as_bearer_and_never_shown(llm_stub, monkeypatch, caplog):
     monkeypatch.setenv("KNOWFREE_TEST_KEY", SECRET)
     # A server that echoes the Authorization header into its error must not leak it either.
@@ -148,7 +183,23 @@ def test_openai_key_scrubbed_from_error_text(llm_stub, monkeypatch):
     monkeypatch.setenv("KNOWFREE_TEST_KEY", SECRET)
     engine = openai_engine(llm_stub)
     assert SECRET not in engine._describe(RuntimeError(f"server said: bad key {SECRET}"))
-    assert engine._describe(RuntimeError(f"bad {SECRET}")) == "RuntimeError: bad ***"
+    assert engine._describe(RuntimeError(f"bad {SECRET}")) == "RuntimeError: bad [redacted]"
+
+
+def test_openai_key_echoed_into_answers_is_scrubbed_before_the_cache(llm_stub, monkeypatch, tmp_path):
+    """A server that echoes the bearer key into its answer: the key is in no completion and
+    in no byte of the answer cache (its WAL included)."""
+    monkeypatch.setenv("KNOWFREE_TEST_KEY", SECRET)
+    llm_stub.answer = lambda r: f"your header was {r.authorization}; twice: {SECRET}"
+    cache = AnswerCache(tmp_path / "answers.sqlite")
+    for plain in ("auto", "plain"):
+        engine = openai_engine(llm_stub, chat_template=plain)
+        [completion] = generate_cached(engine, cache, [chat(f"hello {plain}")], GREEDY, "v1")
+        assert completion.text == "your header was Bearer [redacted]; twice: [redacted]"
+        [cached] = generate_cached(engine, cache, [chat(f"hello {plain}")], GREEDY, "v1")
+        assert cached.cached and cached.text == completion.text
+    stored = b"".join(path.read_bytes() for path in tmp_path.iterdir())
+    assert b"answers" in stored and SECRET.encode() not in stored
 
 
 def test_openai_key_from_a_secret_file_wins_and_a_bad_file_is_named_not_shown(llm_stub, tmp_path, monkeypatch):

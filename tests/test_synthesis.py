@@ -120,6 +120,17 @@ def test_rows_resume_from_the_cache_and_collection_drops_cross_source_duplicates
     assert summary.rejections_by_reason == {REASON_DUPLICATE: 1}
 
 
+def test_an_answer_past_max_answer_chars_is_counted_and_not_split(llm_stub, tmp_path):
+    from knowfree_core.llm.parsing import REASON_ANSWER_TOO_LONG
+
+    llm_stub.answer = lambda request: "张三后来去了上海工作。" * 20
+    (result,) = _synthesizer(llm_stub, tmp_path, max_answer_chars=100).synthesize([_with_entities()])
+    assert result["synthetic"] == [] and [r["reason"] for r in result["rejections"]] == [REASON_ANSWER_TOO_LONG]
+    assert len(result["raw_answers"][0]) == 100
+    with pytest.raises(ValueError, match="synthesis.max_answer_chars"):
+        SynthesisSettings(max_answer_chars=0)
+
+
 def test_max_per_source_keeps_the_first_sentences_and_counts_the_rest(llm_stub, tmp_path):
     llm_stub.answer = lambda request: "第一个新的句子在这里。第二个新的句子在这里。第三个新的句子在这里。"
     (result,) = _synthesizer(llm_stub, tmp_path, max_per_source=2).synthesize([_with_entities()])

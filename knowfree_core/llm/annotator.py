@@ -33,21 +33,40 @@ from knowfree_core.annotators.base import (
 )
 from knowfree_core.annotators.alignment import align_words
 from knowfree_core.llm.cache import AnswerCache, generate_cached
-from knowfree_core.llm.engine import ChatPrompt, Completion, EngineConfig, GenerationParams, LLMEngine, build_engine
-from knowfree_core.llm.parsing import ParsedAnswer, parse_entities, parse_pos, parse_words
+from knowfree_core.llm.engine import (
+    REASON_ENGINE_ERROR, ChatPrompt, Completion, EngineConfig, GenerationParams, LLMEngine, build_engine,
+    check_engine_access,
+)
+from knowfree_core.llm.parsing import (
+    DEFAULT_MAX_ANSWER_CHARS, ParsedAnswer, answer_too_long, parse_entities, parse_pos, parse_words,
+)
 from knowfree_core.llm.span_alignment import align_entities, align_pos_with_repair
 from knowfree_core.prompts import PromptTemplate, load_prompt
 from knowfree_core.records import ExtensionSpan, Sentence
 
-REASON_ENGINE_ERROR = "engine error"
 REASON_UNPARSABLE = "unparsable answer"
 REASON_NO_SEGMENTATION = "no segmentation for POS"
+REASON_REJECTED_TYPE = "rejected type"
+
+#: Longest entity type or POS tag (after cleaning) that becomes a label: a real type is a
+#: word or two; a longer one is a sentence the model wrote into the type field.
+MAX_LABEL_CHARS = 32
 
 
-def _clean_label(text: str) -> str:
-    """One line, no surrounding or repeated whitespace: LLM types like ' 地 点\\n' would
-    otherwise become distinct labels."""
-    return " ".join(str(text).split())
+def _clean_label(text: str) -> tuple[str, str | None]:
+    """The label an LLM's type or tag becomes, and why it cannot be one (None when it can).
+
+    One line, no surrounding or repeated whitespace: LLM types like ' 地 点\\n' would otherwise
+    become distinct labels. Labels name label-map entries, report rows and, downstream, files:
+    only short, printable, non-path-like text is taken, whatever a prompt injection asks for."""
+    label = " ".join(str(text).split())
+    if len(label) > MAX_LABEL_CHARS:
+        return label, f"longer than {MAX_LABEL_CHARS} characters"
+    if not label.isprintable():
+        return label, "not printable"
+    if any(part in label for part in ("/", "\\", "..")) or label.startswith("."):
+        return label, "path-like"
+    return label, None
 
 
 class LLMAnnotator(Annotator):
@@ -64,6 +83,7 @@ class LLMAnnotator(Annotator):
         cache: AnswerCache | str | Path | None = None,
         source_prefix: str = "llm",
         entity_mode: str = "all",
+        max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS,
     ):
         if isinstance(engine, dict):
             engine = EngineConfig(**engine)
@@ -79,6 +99,8 @@ class LLMAnnotator(Annotator):
         self.cache = AnswerCache(cache) if isinstance(cache, (str, Path)) else cache
         self.name = source_prefix
         self.entity_mode = entity_mode
+        #: Longer answers are a counted rejection and are not parsed.
+        self.max_answer_chars = max_answer_chars
 
     @property
     def engine(self) -> LLMEngine:
@@ -93,10 +115,13 @@ class LLMAnnotator(Annotator):
         if self._engine is not None:
             self._engine.close()
 
-    def check_access(self) -> None:
-        """Fail fast on a wrong key or model name (engines that talk to a server only:
-        building a local vllm/transformers engine here would load the model twice)."""
-        if self._engine_config is not None and self._engine_config.kind != "openai":
+    def check_access(self, key: str = "engine") -> None:
+        """Fail fast on an unknown engine kind, a missing model, a wrong key or model name or an
+        endpoint that is down (``check_engine_access``; ``key`` names the config section in
+        the message). A local vllm/transformers engine is checked without building it: that
+        would load the model in the caller and again in every worker."""
+        if self._engine_config is not None:
+            check_engine_access(self._engine_config, key)
             return
         check = getattr(self.engine, "check_access", None)
         if check is not None:
@@ -165,11 +190,17 @@ class LLMAnnotator(Annotator):
     def _record(self, result: AnnotationResult, step: str, answer: Completion) -> None:
         result.prompt_versions[step] = self.prompts[step].version
         if answer.ok:
-            result.raw_answers[step] = answer.text
+            # An over-long answer is kept only up to the bound: it is rejected anyway, and the
+            # row files should not carry megabytes of it.
+            result.raw_answers[step] = answer.text[: self.max_answer_chars]
 
     def _parse(self, result: AnnotationResult, step: str, answer: Completion, parse) -> ParsedAnswer | None:
         if not answer.ok:
             result.rejections.append(Rejection(REASON_ENGINE_ERROR, str(answer.error), step))
+            return None
+        too_long = answer_too_long(answer.text, self.max_answer_chars)
+        if too_long is not None:
+            result.rejections.append(Rejection(too_long.reason, too_long.detail, step))
             return None
         parsed = parse(answer.text)
         result.rejections.extend(Rejection(r.reason, r.detail, step) for r in parsed.rejections)
@@ -179,8 +210,23 @@ class LLMAnnotator(Annotator):
             return None
         return parsed
 
+    def _labelled(self, result: AnnotationResult, step: str, pairs) -> list[tuple[str, str]]:
+        """``(text, label)`` pairs whose label is usable (:func:`_clean_label`); the others
+        are counted rejections."""
+        kept = []
+        what = "type" if step == "ent" else "tag"
+        for text, raw in pairs:
+            label, problem = _clean_label(raw)
+            if problem is None:
+                kept.append((str(text), label))
+            else:
+                shown = label if len(label) <= 40 else label[:37] + "..."
+                detail = f"{what} {shown!r} of {str(text)[:20]!r}: {problem}"
+                result.rejections.append(Rejection(REASON_REJECTED_TYPE, detail, step))
+        return kept
+
     def _add_entities(self, sentence: Sentence, result: AnnotationResult, entities) -> None:
-        cleaned = [(str(e), _clean_label(t)) for e, t in entities]
+        cleaned = self._labelled(result, "ent", entities)
         aligned = align_entities(sentence.units, sentence.joiner, cleaned, mode=self.entity_mode)
         result.rejections.extend(Rejection(r.reason, r.detail, "ent") for r in aligned.rejections)
         source = source_name(self.name, "ent")
@@ -202,7 +248,7 @@ class LLMAnnotator(Annotator):
         return [words[word.index] for word in aligned.words]
 
     def _add_pos(self, sentence: Sentence, result: AnnotationResult, seg_words: Sequence[str], pairs) -> None:
-        cleaned = [(str(w), _clean_label(p)) for w, p in pairs]
+        cleaned = self._labelled(result, "pos", pairs)
         aligned = align_pos_with_repair(sentence.units, sentence.joiner, list(seg_words), cleaned)
         # Segmentation rejections were already counted under "seg" when seg is published.
         result.rejections.extend(

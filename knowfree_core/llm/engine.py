@@ -7,17 +7,27 @@ costs one answer, not a batch of finished work. Engines raise only for problems 
 no prompt can survive (missing API key, model not found at start-up).
 
 Engines are built from an ``EngineConfig`` by ``build_engine`` and import their heavy
-dependency (openai, vllm, transformers) only when chosen.
+dependency (openai, vllm, transformers) only when chosen. ``check_engine`` checks a config
+without building anything (a job's driver calls it before dispatching a row), and
+``check_engine_access`` adds the one request that proves a server answers.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from knowfree_core.bounds import COUNT, NON_NEGATIVE, POSITIVE, Bound, check_bounds
+from knowfree_core.errors import ConfigError
 from knowfree_core.registry import LazyRegistry
+
+#: The rejection reason of a prompt the engine gave up on (``Completion.error``). Such a row
+#: failed for a passing reason, not for its content: jobs do not record it as done.
+REASON_ENGINE_ERROR = "engine error"
 
 #: top_p and gpu_memory_utilization: a share of something, where 0 leaves nothing.
 _SHARE = Bound(low=0, high=1, low_open=True, text="in (0, 1]")
@@ -162,6 +172,15 @@ class LLMEngine(ABC):
 
     #: ``EngineConfig.kind`` of this engine; part of the answer-cache key.
     kind: str = ""
+    #: True when building the engine is cheap (a client for a server, no model in memory): a
+    #: job's driver then builds one and calls its ``check_access`` before dispatching rows.
+    #: Local engines are never built in the driver: that would load the model twice.
+    remote: bool = False
+
+    @classmethod
+    def check_config(cls, config: "EngineConfig", key: str = "engine") -> None:
+        """What can be checked about ``config`` without loading a model or sending a request
+        (a local model folder exists); a one-line ConfigError naming ``key``'s field."""
 
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -202,6 +221,74 @@ _ENGINES = LazyRegistry(
 
 def known_engines() -> tuple[str, ...]:
     return _ENGINES.names()
+
+
+def check_engine(config: EngineConfig, key: str = "engine") -> type[LLMEngine]:
+    """The engine class ``config.kind`` names, once the config passed the checks that need no
+    model and no request: a known kind, a model, and the engine's own ``check_config``.
+
+    ``key`` is where the config sits in the job's file (``llm.engine`` in jobs.annotate), so
+    the one-line ConfigError names the key to fix. Without this a bad kind or model fails only
+    inside every actor, each row a rejection, and the job ends as if it had worked.
+    """
+    engine_class = replace(_ENGINES, key=f"{key}.kind").resolve(config.kind)
+    if not str(config.model or "").strip():
+        raise ConfigError(f"{key}.model is empty: name the model ({key}.kind {config.kind!r})")
+    engine_class.check_config(config, key)
+    return engine_class
+
+
+def check_engine_access(config: EngineConfig, key: str = "engine") -> None:
+    """:func:`check_engine`, then, for a remote engine, one request that proves the server
+    answers and knows the model (``check_access``), so a wrong key, an unknown model or an
+    endpoint that is down is one line before any row is dispatched."""
+    engine_class = check_engine(config, key)
+    if not engine_class.remote:
+        return
+    try:
+        engine = engine_class(config)
+    except (ImportError, RuntimeError, ValueError) as error:  # no key, no client package
+        raise ConfigError(f"{key}: {error}") from None
+    try:
+        check = getattr(engine, "check_access", None)
+        if check is not None:
+            check()
+    finally:
+        engine.close()
+
+
+#: A Hugging Face hub id (``owner/name``), which vLLM downloads when it loads the model.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def check_local_model(config: EngineConfig, key: str, hub_ids: bool = False) -> None:
+    """``config.model`` is a model folder (with ``gguf_file`` in it when set), or, when
+    ``hub_ids``, a hub id the engine can fetch (offline: one already in the hub cache).
+    Nothing is loaded: the driver checks the path, the actors load the model."""
+    path = Path(config.model).expanduser()
+    if path.is_dir():
+        if config.gguf_file and not (path / config.gguf_file).is_file():
+            raise ConfigError(f"{key}.gguf_file: {config.gguf_file!r} is not a file in {path}")
+        return
+    if path.is_file() and hub_ids:
+        return  # vLLM loads a single GGUF file given as the model
+    hub_id = hub_ids and _HUB_ID.fullmatch(config.model) is not None
+    if hub_id and (not _hub_offline() or _in_hub_cache(config.model)):
+        return
+    offline = " (a hub id, but HF_HUB_OFFLINE is set and it is not in the hub cache)" if hub_id else ""
+    raise ConfigError(f"{key}.model: no model folder {config.model!r}{offline}")
 
 
 def build_engine(config: EngineConfig) -> LLMEngine:

@@ -6,7 +6,8 @@ over ``max_concurrency`` threads and turns a prompt that still fails into
 ``Completion(error=...)``.
 
 The API key is read from the environment variable *named* by ``EngineConfig.api_key_env``.
-It is never stored on the engine, shown by ``repr``, or written into an error message.
+It is never shown by ``repr`` or written into an error message or an answer: a server that
+echoes the bearer key back gets it replaced by ``[redacted]`` before anything is cached or stored.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ LOCAL_PLACEHOLDER_KEY = "EMPTY"
 _MAX_STOPS = 4
 #: Error texts are cut here: a server may answer an error with a whole HTML page.
 _MAX_ERROR_CHARS = 500
+#: What the key's text becomes in answers and error messages.
+REDACTED = "[redacted]"
 
 
 def is_local_url(url: str | None) -> bool:
@@ -74,6 +77,7 @@ class OpenAIEngine(LLMEngine):
     """Chat (or, with ``chat_template: plain``, text) completions from an OpenAI-compatible server."""
 
     kind = "openai"
+    remote = True
 
     def __init__(self, config: EngineConfig):
         super().__init__(config)
@@ -82,8 +86,8 @@ class OpenAIEngine(LLMEngine):
         if not config.model:
             raise ValueError("EngineConfig.model must name the served model for the openai engine")
         key = resolve_api_key(config)
-        # Kept only to scrub it from error texts (a server may echo headers back); a
-        # name-mangled attribute and a custom __repr__ keep it out of casual printing.
+        # Kept only to scrub it from answers and error texts (a server may echo headers
+        # back); a name-mangled attribute and a custom __repr__ keep it out of casual printing.
         self.__secret = key if key != LOCAL_PLACEHOLDER_KEY else ""
         self._client = OpenAI(
             base_url=config.base_url,
@@ -132,19 +136,24 @@ class OpenAIEngine(LLMEngine):
             if self._plain:
                 response = self._client.completions.create(prompt=render_plain(prompt), **options)
                 choice = response.choices[0]
-                return Completion(text=choice.text or "", finish_reason=choice.finish_reason)
-            response = self._client.chat.completions.create(messages=prompt, **options)
-            choice = response.choices[0]
-            return Completion(text=choice.message.content or "", finish_reason=choice.finish_reason)
+                text = choice.text
+            else:
+                response = self._client.chat.completions.create(messages=prompt, **options)
+                choice = response.choices[0]
+                text = choice.message.content
+            # Scrubbed here, before generate_cached stores it: answers go to the cache and rows.
+            return Completion(text=self._scrub(text or ""), finish_reason=choice.finish_reason)
         except Exception as exc:  # one prompt's failure must not cost the batch
             return Completion(error=self._describe(exc))
 
     def check_access(self) -> None:
-        """One 1-token request; raises ConfigError for a wrong key, no permission or an
-        unknown model. A job calls this once before dispatching its prompts: those failures
-        would otherwise turn every prompt of a 50k-sentence job into a rejection."""
-        from openai import AuthenticationError, NotFoundError, PermissionDeniedError
+        """One 1-token request; raises ConfigError for an endpoint that cannot be reached (after
+        the client's retries), a wrong key, no permission or an unknown model. A job calls this
+        once before dispatching its prompts: those failures would otherwise turn every prompt
+        of a 50k-sentence job into a rejection."""
+        from openai import APIConnectionError, AuthenticationError, NotFoundError, PermissionDeniedError
 
+        where = self.config.base_url or "the OpenAI API"
         try:
             if self._plain:
                 self._client.completions.create(model=self.config.model, prompt="ping", max_tokens=1)
@@ -152,19 +161,27 @@ class OpenAIEngine(LLMEngine):
                 self._client.chat.completions.create(
                     model=self.config.model, messages=[{"role": "user", "content": "ping"}], max_tokens=1
                 )
+        except APIConnectionError as exc:  # timeouts too: nothing answered at all
+            attempts = self.config.max_retries + 1
+            raise ConfigError(
+                f"the openai engine cannot reach {where} ({attempts} attempt{'s' * (attempts > 1)}): "
+                f"{self._describe(exc)}; is the server up and base_url right?"
+            ) from None
         except (AuthenticationError, PermissionDeniedError, NotFoundError) as exc:
             raise ConfigError(
                 f"the openai engine cannot use model {self.config.model!r} at "
-                f"{self.config.base_url or 'the OpenAI API'} (key from ${self.config.api_key_env}): "
+                f"{where} (key from ${self.config.api_key_env}): "
                 f"{self._describe(exc)}"
             ) from None
-        except Exception as exc:  # noqa: BLE001 - transient trouble is the retries' business
+        except Exception as exc:  # noqa: BLE001 - a busy server (429, 5xx) is the retries' business
             log.warning("openai engine: access check inconclusive: %s", self._describe(exc))
 
+    def _scrub(self, text: str) -> str:
+        """``text`` without the API key: every answer and error text passes here."""
+        return text.replace(self.__secret, REDACTED) if self.__secret else text
+
     def _describe(self, exc: BaseException) -> str:
-        message = " ".join(str(exc).split())
-        if self.__secret:
-            message = message.replace(self.__secret, "***")
+        message = self._scrub(" ".join(str(exc).split()))
         if len(message) > _MAX_ERROR_CHARS:
             message = message[:_MAX_ERROR_CHARS] + "..."
         return f"{type(exc).__name__}: {message}"

