@@ -33,7 +33,7 @@ from .cli import PREDICT
 from .common import RayConfig
 from .fault_injection import exit_on_id, exit_once_on
 from .rowjob import (
-    JobPaths, OutputFormat, PoolConfig, actor_restarts, check_or_start, count_rows, map_rows_with_actors,
+    JobPaths, OutputFormat, PoolConfig, actor_restarts, check_or_start, count_done, map_rows_with_actors,
 )
 from knowfree_core import commandline
 from knowfree_core.annotation import prepare_input, read_output_rows
@@ -209,8 +209,8 @@ def run_prediction(config: PredictJobConfig) -> dict[str, Any]:
     prepared = prepare_input(inputs, paths.prepared, format, dict(config.read_options), config.joiner)
     check_or_start(paths, _state(config, prepared.fingerprint, prepared.sentences, model_version), config.restart,
                    job="prediction")
-    already = count_rows(paths.rows)
-    logger.info("%d sentences in %d shards; %d rows already written", prepared.sentences, len(prepared.shards), already)
+    already = count_done(paths.rows)
+    logger.info("%d sentences in %d shards; %d already done", prepared.sentences, len(prepared.shards), already)
 
     started = time.perf_counter()
     restarts = {"actor_starts": 0, "actor_restarts": 0}
@@ -227,7 +227,7 @@ def run_prediction(config: PredictJobConfig) -> dict[str, Any]:
     wall = time.perf_counter() - started
 
     rows, duplicates = _collect(paths, config.output_format)
-    written_now = len(rows) + duplicates - already
+    written_now = len(rows) - already  # distinct sentences labelled by this run
     if len(rows) != prepared.sentences:
         raise RuntimeError(f"{len(rows)} of {prepared.sentences} sentences were written; rerun the same command "
                            "to finish the rest")
