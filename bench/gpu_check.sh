@@ -8,7 +8,10 @@
 #   model_throughput.txt   train samples/s and predict sentences/s, fp32 and bf16, on the bundle's
 #                          pruned e5 and its largest KnowFREE-F training file (about 2 min);
 #   results.jsonl          quality-harness records of the exported cells, trained 8 at a time
-#                          until the budget ends (a rerun trains what is still missing);
+#                          until the budget ends less PREDICT_S (a rerun trains what is still missing);
+#   predict_throughput.txt prediction sentences/s of a single-process loop, fp32 and bf16, on a model
+#                          those cells saved (F first; PREDICT_MODEL to choose one) and the largest
+#                          F training file (at most PREDICT_S = 45 s; skipped when no model was saved);
 #   RESULTS.md             bench/RESULTS.md with the tables appended.
 # Back here:
 #   python bench/quality_gpu.py import --from <files_at>/results.jsonl
@@ -24,6 +27,7 @@ BUDGET=${BUDGET:-540}
 DEVICE=${DEVICE:-cuda}
 PARALLEL=${PARALLEL:-8}
 LENGTHS=${LENGTHS:-64 128 256 512}
+PREDICT_S=${PREDICT_S:-45}   # kept from the quality cells for the prediction loop; 0: no prediction step
 APPEND=${APPEND---append}   # empty: print the tables only
 started=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - started) )); }
@@ -61,10 +65,30 @@ if [ -n "$train" ]; then
 fi
 
 echo "== quality cells ($(left) s left)"
-deadline=$(( $(left) - 15 ))
+deadline=$(( $(left) - 15 - PREDICT_S ))
 if [ "$deadline" -gt 30 ]; then
   python bench/quality_gpu.py train --bundle "$BUNDLE" --results "$OUT/results.jsonl" --parallel "$PARALLEL" \
     --deadline "$deadline" 2>&1 | tail -40 | tee "$OUT/quality.txt"
 fi
+# jobs.predict's code in one process (no Ray here): a model saved by a quality cell, F first.
+model=${PREDICT_MODEL:-}
+if [ -z "$model" ]; then
+  for manifest in "$BUNDLE"/runs/*/*/F/model/knowfree.json "$BUNDLE"/runs/*/*/*/model/knowfree.json; do
+    if [ -f "$manifest" ]; then model=$(dirname "$manifest"); break; fi
+  done
+fi
+seconds=$(( $(left) - 10 )); [ "$seconds" -gt "$PREDICT_S" ] && seconds=$PREDICT_S
+if [ "$PREDICT_S" -gt 0 ] && [ -n "$model" ] && [ -n "$train" ] && [ "$seconds" -gt 20 ]; then
+  echo "== prediction loop on $model ($(left) s left)"
+  precisions="fp32 bf16"; [ "$DEVICE" = cpu ] && precisions=fp32
+  limit=(); [ "$DEVICE" = cpu ] && limit=(--limit 32)
+  # shellcheck disable=SC2086
+  timeout "$seconds" python bench/predict_throughput.py --model "$model" --data "$train" --loop-only \
+    --device "$DEVICE" --precision $precisions "${limit[@]}" $APPEND 2>&1 | tail -15 | tee "$OUT/predict_throughput.txt"
+else
+  echo "== prediction loop skipped: no saved model under $BUNDLE/runs (PREDICT_MODEL), no training file, or \
+no time left ($(left) s)" | tee "$OUT/predict_throughput.txt"
+fi
+
 cp bench/RESULTS.md "$OUT/RESULTS.md"
 echo "== done in $(( $(date +%s) - started )) s"

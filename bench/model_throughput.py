@@ -32,13 +32,11 @@ import copy
 import gc
 import os
 import random
-import shlex
 import sys
 import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import replace
-from datetime import datetime
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -46,6 +44,7 @@ import torch
 
 from gpu_train_speed import DEFAULT_CONFIG, DEFAULT_DATA, MIB, build_bert_shaped_encoder, machine_line
 from bench_device import bench_device
+from job_throughput import append_section, command_line
 from knowfree_core.commandline import add_set_option
 from knowfree_core.config import KnowFreeConfig, load_config, validate_config
 from knowfree_core.labels import LabelVocab
@@ -243,12 +242,6 @@ def format_table(rows: list[dict]) -> str:
     return markdown_table(header, table, align="ll" + "r" * 9)
 
 
-def command_line(argv: Optional[Sequence[str]]) -> str:
-    # The command as typed from the repository root (main(argv) from a test has no sys.argv of its own).
-    args = list(sys.argv[1:] if argv is None else argv)
-    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *args])
-
-
 def machine_description(device: torch.device, load_before: float) -> str:
     # gpu_train_speed's machine line (platform, CPUs, torch, GPU) plus the load: this CPU is shared.
     return f"{machine_line(device)}, 1-min load average {load_before:.1f} at the start"
@@ -284,15 +277,6 @@ def setup_line(args: argparse.Namespace, config: KnowFreeConfig, encoder_text: s
         "Peak GPU: max_memory_allocated over the timed part; peak RSS: process high-water mark so far."
         + "".join(f" {note}" for note in notes)
     )
-
-
-def append_section(path: Path, title: str, command: str, machine: str, setup: str, table: str) -> None:
-    """Append one section in the RESULTS.md layout of the other bench scripts; never rewrites."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    section = f"\n## {title}, {datetime.now():%Y-%m-%d %H:%M}\n\nCommand: `{command}`  \nMachine: {machine}  \n" \
-              f"Setup: {setup}\n\n{table}\n"
-    with path.open("a", encoding="utf-8") as out:
-        out.write(section)
 
 
 # ---------------------------------------------------------------------------- main
@@ -387,7 +371,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         encoder_name = args.encoder if args.encoder == RANDOM_BERT_BASE else Path(base.encoder.name).name
         data_name = f"{args.data.parent.name}-{len(train)}"  # e.g. weibo-250
         append_section(args.results, f"Model throughput ({where}): {encoder_name} on {data_name}, train samples/s "
-                       "and predict sentences/s", command_line(argv), machine, setup, table)
+                       "and predict sentences/s", command_line(__file__, argv), machine, setup, table)
         print(f"\nappended to {args.results}")
     return 0
 

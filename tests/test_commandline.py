@@ -134,7 +134,8 @@ def test_ray_data_progress_is_off_by_default(ray_cluster, monkeypatch):
     assert logging.getLogger("ray.data").getEffectiveLevel() == logging.WARNING
 
 
-@pytest.mark.parametrize("script", ["quality.py", "quality_gpu.py", "model_throughput.py"])
+@pytest.mark.parametrize("script", ["quality.py", "quality_gpu.py", "model_throughput.py",
+                                    "predict_throughput.py"])
 def test_bench_scripts_run_from_the_repository_root(script):
     # As the README runs them: the installed package and the sibling scripts suffice.
     process = subprocess.run([sys.executable, f"bench/{script}", "--help"], cwd=ROOT, capture_output=True, text=True,
