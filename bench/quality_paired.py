@@ -94,9 +94,12 @@ def paired_comparisons(latest: Latest, variant: str, baseline: str, metric: str 
 
 def default_pairs(variants: Iterable[str]) -> list[tuple[str, str]]:
     """What a reader of the harness asks first: every variant against no extension labels,
-    the knowledge variants also against the biaffine baseline, and noext against biaffine."""
+    the knowledge variants also against the biaffine baseline, and noext against biaffine; the
+    variants that add samples to F's (FS's synthetic ones, FU's pseudo-labelled ones) against F."""
     present = list(dict.fromkeys(variants))
     pairs = []
+    if "F" in present:
+        pairs += [(v, "F") for v in present if v in ("FS", "FU", "FSU") or v.startswith(("FU-", "FSU-"))]
     for baseline in ("noext", "biaffine"):
         if baseline in present:
             pairs += [(v, baseline) for v in present if v not in ("noext", "biaffine")]

@@ -184,6 +184,8 @@ def test_default_pairs_and_the_compare_option(tmp_path, capsys):
     paired = _paired_module()
     assert paired.default_pairs(["biaffine", "noext", "F", "F-view"]) == [
         ("F", "noext"), ("F-view", "noext"), ("F", "biaffine"), ("F-view", "biaffine"), ("noext", "biaffine")]
+    # what adds samples to F's is compared with F first; FU is not "no extension labels" either
+    assert paired.default_pairs(["noext", "F", "FU", "FU-msra", "FS"])[:3] == [("FU", "F"), ("FU-msra", "F"), ("FS", "F")]
     results = tmp_path / "results.jsonl"
     results.write_text("\n".join(json.dumps(_result("weibo", "n250", v, s, f)) for v, s, f in [
         ("F", 1, 0.5), ("noext", 1, 0.4), ("F", 2, 0.5), ("noext", 2, 0.45)]) + "\n", encoding="utf-8")
