@@ -251,8 +251,11 @@ def target_lines(rows: Sequence[ThroughputRow], best: Optional[ThroughputRow], e
         lines.append("- best setting ≥ 85 % of the endpoint's capacity: not measured")
     else:
         share = best.rate / endpoint.model.capacity(endpoint.cap)
+        # Judged on the job's own seconds; the endpoint's busy share says how much of a miss is
+        # the actors' start and the writing rather than the steady state.
         lines.append(f"- best setting ({best.setting}) ≥ {TARGET_SHARE:.0%} of the endpoint's capacity: "
-                     f"{share:.0%} {'pass' if share >= TARGET_SHARE else 'FAIL'}")
+                     f"{share:.0%} {'pass' if share >= TARGET_SHARE else 'FAIL'} "
+                     f"({best.extra[BUSY]} while the endpoint was busy)")
     lost = sum(int(row.extra[LOST]) for row in rows)
     lines.append(f"- zero lost rows: {lost} lost {'pass' if lost == 0 else 'FAIL'}")
     return lines
@@ -300,6 +303,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"endpoint: {model.seconds() * 1000:.0f} ms a request, cap {args.cap}, capacity "
           f"{model.capacity(args.cap):.1f} requests/s; {len(ids)} sentences × {per_sentence} requests", flush=True)
     rows: list[ThroughputRow] = []
+    notes: list[str] = []
     with Endpoint(model, args.cap, args.retry_after_s) as endpoint:
         for setting in args.grid:
             ideal = len(ids) * per_sentence * model.seconds() / min(setting.total, args.cap)
@@ -318,7 +322,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             try:
                 rows.append(ray_data_llm_row(corpus, ids, endpoint, per_step, args))
             except ImportError as error:  # ray.data.llm needs Ray's llm extra
-                print(f"  skipped: {error}", flush=True)
+                notes.append(f"- ray.data.llm row skipped: {error}")
+            except Exception as error:  # noqa: BLE001 - e.g. its retries ran out: a finding, not a crash
+                notes.append(f"- ray.data.llm row failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
     shutil.rmtree(work, ignore_errors=True)
 
     table = throughput_table(rows, COLUMNS, unit="requests", ratio_columns=("× loop",))
@@ -332,7 +338,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              "endpoint's first prompt to its last answer. '% of its ceiling': of "
              "min(in flight, cap) / latency. Each row with a fresh output folder and answer cache.")
     print(f"\nSetup: {setup}\n\n{table}\n\nTargets (issue 18):")
-    targets = target_lines(rows, best_row, endpoint)
+    targets = target_lines(rows, best_row, endpoint) + notes
     print("\n".join(targets))
     if args.append:
         append_section(args.results, "LLM annotation throughput against a rate-limited endpoint",
