@@ -121,8 +121,13 @@ def seconds(value: float) -> str:
     return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
 
 
-def throughput_table(rows: Sequence[ThroughputRow], extra_header: Sequence[str] = ()) -> str:
-    """setting, sentences, seconds, sentences/s, × loop, × 1 actor, then ``extra_header``."""
+RATIO_COLUMNS = ("× loop", "× 1 actor")
+
+
+def throughput_table(rows: Sequence[ThroughputRow], extra_header: Sequence[str] = (), unit: str = "sentences",
+                     ratio_columns: Sequence[str] = RATIO_COLUMNS) -> str:
+    """setting, ``unit`` (what ``ThroughputRow.sentences`` counts), seconds, ``unit``/s, the
+    ``ratio_columns`` (of :data:`RATIO_COLUMNS`), then ``extra_header``."""
     from knowfree_core.report.document import markdown_table
 
     def times(value: Optional[float]) -> str:
@@ -132,8 +137,8 @@ def throughput_table(rows: Sequence[ThroughputRow], extra_header: Sequence[str] 
 
     body = []
     for row in rows:
-        over_loop, over_one = ratios(row, rows)
-        body.append([row.setting, row.sentences, seconds(row.seconds), f"{row.rate:.1f}", times(over_loop),
-                     times(over_one), *(row.extra.get(h, "—") for h in extra_header)])
-    header = ["setting", "sentences", "seconds", "sentences/s", "× loop", "× 1 actor", *extra_header]
+        shown = dict(zip(RATIO_COLUMNS, map(times, ratios(row, rows))))
+        body.append([row.setting, row.sentences, seconds(row.seconds), f"{row.rate:.1f}",
+                     *(shown[c] for c in ratio_columns), *(row.extra.get(h, "—") for h in extra_header)])
+    header = ["setting", unit, "seconds", f"{unit}/s", *ratio_columns, *extra_header]
     return markdown_table(header, body, align="l" + "r" * (len(header) - 1))
