@@ -213,7 +213,7 @@ class AnnotateActor:
 
 def output_schema():
     """The row schema (``BatchAnnotator``'s output rows)."""
-    return row_schema(("record", "annotator", "raw_answers", "prompt_versions"), count="n_spans")
+    return row_schema(("record", "annotator", "raw_answers", "prompt_versions", "tokens"), count="n_spans")
 
 
 def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
@@ -255,6 +255,8 @@ def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
             "rerun the same command to finish the rest"
         )
     summary.check_label_growth(config.max_extension_labels)
+    if "llm" in annotator_names(config):
+        summary.price(config.llm.engine)
     summary.wall_seconds = wall
     summary.sentences_per_second = written_now / wall if written_now and wall > 0 else None
     result = summary.to_dict() | {

@@ -113,13 +113,13 @@ class LabelActor:
         seconds = (time.perf_counter() - started) / max(len(rows), 1)
         # The annotation row layout, so that annotation.collect_output collects them.
         for row in rows:
-            row.update(annotator="knowfree", raw_answers="{}", prompt_versions="{}", rejections="[]",
+            row.update(annotator="knowfree", raw_answers="{}", prompt_versions="{}", tokens="{}", rejections="[]",
                        n_rejections=0, seconds=seconds)
         return pa.Table.from_pylist(rows, schema=label_schema())
 
 
 def synthesis_schema():
-    return row_schema(("synthetic", "raw_answers", "prompt_version"), count="n_synthetic")
+    return row_schema(("synthetic", "raw_answers", "prompt_version", "tokens"), count="n_synthetic")
 
 
 def label_schema():
@@ -206,6 +206,7 @@ def run_synthesis(config: SynthesizeJobConfig) -> dict[str, Any]:
             "rerun the same command"
         )
     summary.wall_seconds = time.perf_counter() - started
+    summary.price(config.engine)
     result = summary.to_dict() | {
         "duplicate_rows_dropped": duplicates,
         "written_this_run": summary.sources - already,

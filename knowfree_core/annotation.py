@@ -14,7 +14,7 @@ Flow::
                                                         failed, withheld from the checkpoint)
 
 An output row keeps the original sentence with its new extension spans, the raw answers,
-the prompt versions and every rejection with its step and reason.
+the prompt versions, the tokens each step used and every rejection with its step and reason.
 """
 
 from __future__ import annotations
@@ -25,14 +25,15 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 from knowfree_core.annotators import apply_annotations, get_annotator
 from knowfree_core.annotators.alignment import REASON_TOO_LONG, Rejection
 from knowfree_core.annotators.base import STEPS, AnnotationResult, Annotator
 from knowfree_core.errors import ConfigError, DataFormatError, KnowFreeError
 from knowfree_core.formats import read_dataset
-from knowfree_core.llm.engine import REASON_ENGINE_ERROR
+from knowfree_core.llm.engine import REASON_ENGINE_ERROR, EngineConfig
+from knowfree_core.llm.ledger import cost_summary, ledger_of_rows, row_tokens, token_lines
 from knowfree_core.records import Sentence
 from knowfree_core.retry import run_batch_or_one_by_one
 
@@ -181,8 +182,9 @@ class BatchAnnotator:
 
     Input rows: ``{"id", "order", "record"}``. Output rows (one per input row, same id):
     ``id``, ``order``, ``record`` (the sentence as JSON with its extension spans),
-    ``annotator`` (the names, joined by ``+``), ``raw_answers`` and ``prompt_versions`` (JSON
-    objects by step; with several annotators by ``<annotator>/<step>``), ``rejections`` (JSON
+    ``annotator`` (the names, joined by ``+``), ``raw_answers``, ``prompt_versions`` and
+    ``tokens`` (JSON objects by step, the last of :class:`~knowfree_core.llm.ledger.StepTokens`;
+    with several annotators by ``<annotator>/<step>``), ``rejections`` (JSON
     list of {annotator, step, reason, detail}), ``n_spans``, ``n_rejections``, ``seconds``
     (this batch's time, shared by its rows).
 
@@ -234,6 +236,7 @@ class BatchAnnotator:
         for row, sentence, final in zip(rows, sentences, annotated):
             raw_answers: dict[str, str] = {}
             prompt_versions: dict[str, str] = {}
+            tokens: dict = {}
             rejections: list[dict[str, str]] = []
             n_spans = 0
             for spec, results in zip(self.specs, by_annotator):
@@ -242,6 +245,7 @@ class BatchAnnotator:
                 prefix = f"{spec.name}/" if several else ""
                 raw_answers.update({prefix + step: answer for step, answer in result.raw_answers.items()})
                 prompt_versions.update({prefix + step: v for step, v in result.prompt_versions.items()})
+                tokens.update({prefix + step: t for step, t in result.tokens.items()})
                 rejections.extend(_rejection_dicts(spec.name, result))
                 n_spans += len(result.spans)
             out.append(
@@ -252,6 +256,7 @@ class BatchAnnotator:
                     "annotator": self.name,
                     "raw_answers": json.dumps(raw_answers, ensure_ascii=False),
                     "prompt_versions": json.dumps(prompt_versions, ensure_ascii=False),
+                    "tokens": row_tokens(tokens),
                     "rejections": json.dumps(rejections, ensure_ascii=False),
                     "n_spans": n_spans,
                     "n_rejections": len(rejections),
@@ -309,9 +314,19 @@ class AnnotationSummary:
     sentences_per_second: float | None = None
     #: What the run should not pass silently but that does not fail it (shown in the table).
     warnings: list[str] = field(default_factory=list)
+    #: The LLM steps' tokens (:meth:`TokenLedger.summary <knowfree_core.llm.ledger.TokenLedger.summary>`):
+    #: ``{by_step: {step: {prompt_version, prompt_tokens, completion_tokens, requests, cached}},
+    #: per_1000_sentences}``; ``by_step`` is empty without an LLM.
+    tokens: dict[str, Any] = field(default_factory=dict)
+    #: ``tokens`` priced with ``engine.price_per_million`` (:meth:`price`); None without a price.
+    cost: Optional[dict[str, Any]] = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def price(self, engine: EngineConfig) -> None:
+        """Set ``cost`` from ``tokens`` and the engine's price (nothing without one)."""
+        self.cost = cost_summary(self.tokens, engine.price_per_million, engine.cost_projection_sentences)
 
     def check_label_growth(self, max_extension_labels: int) -> None:
         """A warning when the run produced more distinct extension labels than
@@ -340,11 +355,13 @@ class AnnotationSummary:
             lines += [f"  by {name:<37} {n}" for name, n in sorted(self.rejections_by_annotator.items())]
         if self.sentences_per_second is not None:
             lines.append(f"throughput           {self.sentences_per_second:.1f} sentences/s over {self.wall_seconds:.1f} s")
+        lines += token_lines(self.tokens, self.cost)
         lines += [f"warning: {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
 
 def summarize(rows: Iterable[dict[str, Any]]) -> AnnotationSummary:
+    rows = list(rows)  # read twice: the counts, then the token ledger
     summary = AnnotationSummary()
     by_source: Counter[str] = Counter()
     by_reason: Counter[str] = Counter()
@@ -367,6 +384,7 @@ def summarize(rows: Iterable[dict[str, Any]]) -> AnnotationSummary:
     summary.rejections = sum(by_reason.values())
     summary.rejections_by_reason = dict(by_reason)
     summary.rejections_by_annotator = dict(by_annotator)
+    summary.tokens = ledger_of_rows(rows).summary(summary.sentences)
     return summary
 
 

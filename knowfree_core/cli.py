@@ -73,7 +73,8 @@ def _encoder_options(p: argparse.ArgumentParser) -> None:
 
 
 def _report_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", "-r", required=True, help="run folder written by knowfree train")
+    p.add_argument("--run", "-r", required=True,
+                   help="run folder written by knowfree train, or an LLM job folder (its summary.json tokens and cost)")
     p.add_argument("--data", "-d", help="labelled test file (default: the run config's data.test)")
     p.add_argument("--no-embeddings", action="store_true",
                    help="skip the 2-D sentence-embedding plot (no embedding model is loaded)")

@@ -417,6 +417,7 @@ def propose_groups_llm(
     synonyms that are not among ``labels`` are dropped and reported, as are labels the answer
     left out (those simply keep their names). An engine built here from a config is closed here.
     """
+    from knowfree_core.llm.annotator import step_schema
     from knowfree_core.llm.cache import AnswerCache, generate_cached
     from knowfree_core.llm.engine import EngineConfig, GenerationParams, LLMEngine, build_engine
     from knowfree_core.llm.parsing import parse_merge_groups
@@ -437,12 +438,15 @@ def propose_groups_llm(
     if isinstance(engine, dict):
         engine = EngineConfig(**engine)
     owned = not isinstance(engine, LLMEngine)
+    # With structured outputs the groups come as P_merge's schema says ({groups: [...]}).
+    config = engine if owned else engine.config
+    schema = step_schema(template) if config.structured_outputs else None
     llm: LLMEngine = build_engine(engine) if owned else engine
 
     chunks = [real[i:i + batch] for i in range(0, len(real), batch)]
     prompts = [template.render(labels=[label[len(prefix):] for label in chunk]) for chunk in chunks]
     try:
-        answers = generate_cached(llm, cache, prompts, params, template.version)
+        answers = generate_cached(llm, cache, prompts, params, template.version, schema)
     finally:
         if owned:
             llm.close()

@@ -15,11 +15,20 @@ A template file holds::
     system: ...              # optional system message (a Jinja2 template)
     user: ...                # the user message (a Jinja2 template)
     response: json           # "json" or "text": what the answer is expected to be
+    schema: {...}            # optional, json steps only: the JSON schema of the answer, sent
+                             # when the engine has structured_outputs on (see below)
 
 Templates are Jinja2 (``{{ sentence }}``), not ``str.format``, because the paper's prompts
 contain literal braces (``[{entity: "", type: ""}]``). Two filters are available:
 ``json`` (a list or dict as JSON with non-ASCII kept; a string is taken as already formatted)
 and ``entity_list`` (``[("院长", "头衔职称")]`` -> ``['院长(头衔职称)']``, the paper's P_exp form).
+
+The ``schema`` lives in the template file, so it is versioned with the wording: change it and
+bump ``version``. It must suit OpenAI's strict mode, which vLLM's grammar backends also read:
+an object at the top level (an answer that is a list is wrapped in one property, which the
+parser unwraps), and every object lists all its properties as ``required`` with
+``additionalProperties: false``. Any answer valid under it must parse without a rejection
+(tests/test_prompts.py checks the bundled ones).
 """
 
 from __future__ import annotations
@@ -33,13 +42,16 @@ from typing import Any, Iterable
 import jinja2
 
 from knowfree_core.errors import ConfigError
+from knowfree_core.llm.engine import ResponseSchema
 from knowfree_core.safe_paths import plain_name
 from knowfree_core.yaml_files import read_yaml_mapping
 
 STEPS = ("ent", "seg", "pos", "merge", "exp", "ext")
 RESPONSE_KINDS = ("json", "text")
 _REQUIRED_KEYS = ("name", "language", "version", "user", "response")
-_OPTIONAL_KEYS = ("description", "system")
+_OPTIONAL_KEYS = ("description", "system", "schema")
+#: Keys whose value is text (``schema`` is a mapping).
+_TEXT_KEYS = _REQUIRED_KEYS + ("description", "system")
 
 
 def _require_defined(value: Any) -> None:
@@ -102,6 +114,9 @@ class PromptTemplate:
     response: str = "json"
     path: str = "<string>"
     description: str = ""
+    #: The JSON schema of the answer (json steps); None: the template has none.
+    # hash=False: a dict does not hash; the version identifies the template.
+    schema: dict[str, Any] | None = field(default=None, hash=False)
     _compiled: tuple[jinja2.Template | None, jinja2.Template] = field(
         init=False, repr=False, compare=False
     )
@@ -116,6 +131,15 @@ class PromptTemplate:
                 f"{self.path}: template syntax error on line {error.lineno}: {error.message}"
             ) from error
         object.__setattr__(self, "_compiled", (system, user))
+        if self.schema is not None:
+            if self.response != "json":
+                raise ConfigError(f"{self.path}: schema is for json answers, but response is {self.response!r}")
+            check_strict_schema(self.schema, self.path)
+
+    @property
+    def response_schema(self) -> ResponseSchema | None:
+        """The schema as the engines take it (named after the step), or None."""
+        return None if self.schema is None else ResponseSchema(self.name, self.schema)
 
     def render(self, **variables: Any) -> list[dict[str, str]]:
         """Chat messages: the system message (when the template has one), then the user's.
@@ -135,6 +159,30 @@ class PromptTemplate:
                 f"(pass it to render(); given: {sorted(variables) or 'nothing'})"
             ) from error
         return messages
+
+
+def check_strict_schema(schema: Any, path: str = "<string>") -> None:
+    """A one-line ConfigError unless ``schema`` is a JSON schema OpenAI's strict mode takes:
+    an object at the top level, and every object node closed (``additionalProperties:
+    false``) with all its properties required. A schema that breaks these would fail every
+    request of a run with the same 400."""
+    if not isinstance(schema, dict) or schema.get("type") != "object":
+        raise ConfigError(f"{path}: schema must be a mapping with type: object at the top level (strict mode)")
+    nodes: list[tuple[str, Any]] = [("schema", schema)]
+    while nodes:
+        where, node = nodes.pop()
+        if isinstance(node, list):
+            nodes.extend((f"{where}[{i}]", item) for i, item in enumerate(node))
+            continue
+        if not isinstance(node, dict):
+            continue
+        if node.get("type") == "object":
+            properties = node.get("properties") or {}
+            if node.get("additionalProperties") is not False:
+                raise ConfigError(f"{path}: {where} must set additionalProperties: false (strict mode)")
+            if sorted(node.get("required") or []) != sorted(properties):
+                raise ConfigError(f"{path}: {where} must list every property in required (strict mode)")
+        nodes.extend((f"{where}.{key}", value) for key, value in node.items() if isinstance(value, (dict, list)))
 
 
 @dataclass(frozen=True)
@@ -194,7 +242,7 @@ def load_prompt_file(path: str | Path) -> PromptTemplate:
     if unknown:
         allowed = ", ".join(_REQUIRED_KEYS + _OPTIONAL_KEYS)
         raise ConfigError(f"{path}: unknown key(s) {', '.join(map(str, unknown))} (allowed: {allowed})")
-    for key in _REQUIRED_KEYS + _OPTIONAL_KEYS:
+    for key in _TEXT_KEYS:
         if key in data and data[key] is not None and not isinstance(data[key], str):
             raise ConfigError(f"{path}: {key} must be text, got {type(data[key]).__name__}")
     if data["response"] not in RESPONSE_KINDS:
@@ -216,6 +264,7 @@ def load_prompt_file(path: str | Path) -> PromptTemplate:
         response=data["response"],
         path=str(path),
         description=data.get("description") or "",
+        schema=data.get("schema"),
     )
 
 

@@ -14,8 +14,9 @@ The frozen pipeline-1 model then labels target entities in the synthetic sentenc
 Rows (input as in :mod:`knowfree_core.annotation`: ``{"id", "order", "record"}``); one output
 row per *source* sentence, so resume keys on the source id even when every piece was dropped:
 ``id``, ``order``, ``synthetic`` (JSON list of sentence records), ``raw_answers`` (JSON list,
-one per continuation), ``prompt_version``, ``rejections`` (JSON list of {reason, detail}),
-``n_synthetic``, ``n_rejections``, ``seconds``.
+one per continuation), ``prompt_version``, ``tokens`` (JSON ``{step: StepTokens}``: what its
+continuations used), ``rejections`` (JSON list of {reason, detail}), ``n_synthetic``,
+``n_rejections``, ``seconds``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from knowfree_core.llm.cache import AnswerCache, generate_cached
 from knowfree_core.llm.engine import (
     REASON_ENGINE_ERROR, EngineConfig, GenerationParams, LLMEngine, build_engine, check_engine_access,
 )
+from knowfree_core.llm.ledger import StepTokens, cost_summary, ledger_of_rows, row_tokens, token_lines
 from knowfree_core.llm.parsing import DEFAULT_MAX_ANSWER_CHARS, answer_too_long
 from knowfree_core.prompts import PromptTemplate, load_prompt
 from knowfree_core.records import Sentence
@@ -214,7 +216,7 @@ class Synthesizer:
 
     def synthesize(self, sentences: Sequence[Sentence]) -> list[dict[str, Any]]:
         """Per source sentence: ``{"synthetic": [Sentence], "raw_answers": [str|None],
-        "prompt_version": str, "rejections": [{"reason", "detail"}]}``."""
+        "prompt_version": str, "tokens": {step: StepTokens}, "rejections": [{"reason", "detail"}]}``."""
         prompts = [synthesis_prompt(s, self.exp, self.ext) for s in sentences]
         answers_by_continuation = []
         for continuation in range(self.settings.continuations):
@@ -280,9 +282,11 @@ class Synthesizer:
                             joiner=sentence.joiner,
                         )
                     )
+            step = (self.exp if sentence.spans else self.ext).name
+            tokens = StepTokens.of(prompts[index][1], (answers[index] for answers in answers_by_continuation))
             results.append(
                 {"synthetic": synthetic, "raw_answers": raw, "prompt_version": prompts[index][1],
-                 "rejections": rejections}
+                 "tokens": {step: tokens}, "rejections": rejections}
             )
         return results
 
@@ -298,6 +302,7 @@ class Synthesizer:
                 "synthetic": json.dumps([s.to_dict() for s in result["synthetic"]], ensure_ascii=False),
                 "raw_answers": json.dumps(result["raw_answers"], ensure_ascii=False),
                 "prompt_version": result["prompt_version"],
+                "tokens": row_tokens(result["tokens"]),
                 "rejections": json.dumps(result["rejections"], ensure_ascii=False),
                 "n_synthetic": len(result["synthetic"]),
                 "n_rejections": len(result["rejections"]),
@@ -323,9 +328,17 @@ class SynthesisSummary:
     rejections_by_reason: dict[str, int] = field(default_factory=dict)
     prompt_versions: dict[str, int] = field(default_factory=dict)
     wall_seconds: float | None = None
+    #: P_exp's and P_ext's tokens (``knowfree_core.llm.ledger``), per 1000 *source* sentences.
+    tokens: dict[str, Any] = field(default_factory=dict)
+    #: ``tokens`` priced with ``engine.price_per_million`` (:meth:`price`); None without a price.
+    cost: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def price(self, engine: EngineConfig) -> None:
+        """Set ``cost`` from ``tokens`` and the engine's price (nothing without one)."""
+        self.cost = cost_summary(self.tokens, engine.price_per_million, engine.cost_projection_sentences)
 
     def table(self) -> str:
         lines = [
@@ -341,6 +354,7 @@ class SynthesisSummary:
         lines += [f"  {reason:<28} {n}" for reason, n in sorted(self.rejections_by_reason.items(), key=lambda x: -x[1])]
         if self.wall_seconds is not None:
             lines.append(f"wall time            {self.wall_seconds:.1f} s")
+        lines += token_lines(self.tokens, self.cost)
         return "\n".join(lines)
 
 
@@ -380,6 +394,7 @@ def collect_synthesis(
     summary.rejections = sum(reasons.values())
     summary.rejections_by_reason = dict(reasons)
     summary.prompt_versions = dict(versions)
+    summary.tokens = ledger_of_rows(collected.rows).summary(summary.sources)
     return summary, collected.duplicates
 
 

@@ -7,8 +7,10 @@ how often the same prompt came before, so "429 first, then 200" is one line::
 
     server.answer = lambda r: StubReply(status=429) if r.attempt == 1 else "ok"
 
-Every request is recorded in ``server.requests`` (path, JSON body, the Authorization header)
-so tests can count requests and check that the key was sent.
+Every request is recorded in ``server.requests`` (path, JSON body, the Authorization header,
+the ``usage`` answered) so tests can count requests, check that the key was sent and add up
+the tokens reported. Usage defaults to one token per character of the prompt text and of the
+answer, so different prompts report different counts.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class StubRequest:
     attempt: int = 1
     #: The client's TCP port on loopback (tests find the client process from it).
     client_port: int | None = None
+    #: The ``usage`` object of the 200 reply (None: an error reply, or no usage sent).
+    usage: dict[str, int] | None = None
 
     @property
     def prompt_text(self) -> str:
@@ -59,6 +63,11 @@ class StubReply:
     headers: dict[str, str] = field(default_factory=dict)
     #: Close the connection without any response (a crashed or restarted server).
     drop_connection: bool = False
+    #: The reply's usage counts; None: one per character of the prompt text / answer.
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    #: Send no ``usage`` at all (servers that do not report it).
+    no_usage: bool = False
 
 
 Answer = Union[str, StubReply]
@@ -127,6 +136,12 @@ class StubLLMServer:
         with self._lock:
             return [request.authorization for request in self.requests]
 
+    def usage_totals(self) -> tuple[int, int]:
+        """(prompt tokens, completion tokens) over every usage answered."""
+        with self._lock:
+            answered = [request.usage for request in self.requests if request.usage]
+        return (sum(u["prompt_tokens"] for u in answered), sum(u["completion_tokens"] for u in answered))
+
     def count(self, path: str | None = None) -> int:
         with self._lock:
             return sum(path is None or request.path == path for request in self.requests)
@@ -158,20 +173,26 @@ class StubLLMServer:
         return request
 
     def _response(self, request: StubRequest, reply: StubReply) -> dict[str, Any]:
-        usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+        prompt = len(request.prompt_text) if reply.prompt_tokens is None else reply.prompt_tokens
+        completion = len(reply.text) if reply.completion_tokens is None else reply.completion_tokens
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
         created = int(time.time())
         if request.path.endswith("/chat/completions"):
-            return {
+            response = {
                 "id": "chatcmpl-stub", "object": "chat.completion", "created": created, "model": self.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
                              "finish_reason": reply.finish_reason, "logprobs": None}],
-                "usage": usage,
             }
-        return {
-            "id": "cmpl-stub", "object": "text_completion", "created": created, "model": self.model,
-            "choices": [{"index": 0, "text": reply.text, "finish_reason": reply.finish_reason, "logprobs": None}],
-            "usage": usage,
-        }
+        else:
+            response = {
+                "id": "cmpl-stub", "object": "text_completion", "created": created, "model": self.model,
+                "choices": [{"index": 0, "text": reply.text, "finish_reason": reply.finish_reason, "logprobs": None}],
+            }
+        if not reply.no_usage:
+            response["usage"] = usage
+            with self._lock:
+                request.usage = usage
+        return response
 
 
 def _make_handler(server: StubLLMServer) -> type[BaseHTTPRequestHandler]:

@@ -149,3 +149,91 @@ def test_more_extension_labels_than_the_limit_is_a_warning_in_the_summary(tmp_pa
     (warning,) = summary.to_dict()["warnings"]
     assert warning.startswith("4 distinct extension labels, more than max_extension_labels 3")
     assert f"warning: {warning}" in summary.table().splitlines()
+
+
+# -- the token and cost ledger ------------------------------------------------------------
+
+
+def _tokens(**steps) -> str:
+    return json.dumps({step: dict(zip(("prompt_version", "prompt_tokens", "completion_tokens", "requests", "cached"),
+                                      values)) for step, values in steps.items()})
+
+
+def test_rows_tokens_add_up_per_step_with_cached_answers_apart_and_the_cost_arithmetic(tmp_path):
+    from knowfree_core.llm.engine import EngineConfig
+
+    rows = [_row(i) for i in range(4)]
+    rows[0]["tokens"] = _tokens(ent=("ent-zh-v2", 100, 20, 1, 0), seg=("seg-zh-v2", 80, 10, 1, 0))
+    rows[1]["tokens"] = _tokens(ent=("ent-zh-v2", 300, 60, 1, 0), seg=("seg-zh-v2", 0, 0, 0, 1))
+    rows[2]["tokens"] = _tokens(ent=("ent-zh-v2", 0, 0, 0, 1), seg=("seg-zh-v2", 0, 0, 0, 1))
+    # rows[3]: written before the ledger existed (no tokens column): counts as a sentence only
+    _write(tmp_path / "rows", "a.json", rows)
+    summary, _ = collect_output(tmp_path / "rows", tmp_path / "annotated.jsonl")
+    assert summary.tokens["by_step"] == {
+        "ent": {"prompt_version": "ent-zh-v2", "prompt_tokens": 400, "completion_tokens": 80, "requests": 2,
+                "cached": 1},
+        "seg": {"prompt_version": "seg-zh-v2", "prompt_tokens": 80, "completion_tokens": 10, "requests": 1,
+                "cached": 2},
+    }
+    # every answer asked anew: ent 200/40 per request x 3 answers / 4 sentences, seg 80/10 x 3/4
+    assert summary.tokens["per_1000_sentences"] == {"prompt_tokens": 1000 * (150 + 60),
+                                                    "completion_tokens": 1000 * (30 + 7.5)}
+    assert summary.cost is None and "cost" not in summary.table()
+    summary.price(EngineConfig(price_per_million={"input": 2.0, "output": 10.0}, cost_projection_sentences=50_000))
+    # this output: 480 prompt and 90 completion tokens
+    assert summary.cost["run"] == pytest.approx((480 * 2.0 + 90 * 10.0) / 1e6)
+    per_1000 = (210_000 * 2.0 + 37_500 * 10.0) / 1e6
+    assert summary.cost["per_1000_sentences"] == pytest.approx(per_1000)
+    assert summary.cost["projected"] == {"sentences": 50_000, "cost": round(per_1000 * 50, 2)}
+    assert summary.to_dict()["cost"] == summary.cost and summary.to_dict()["tokens"] == summary.tokens
+    table = summary.table()
+    assert "ent                400 / 80 (2, 1 cached) ent-zh-v2" in table
+    assert "for 50,000 sentences" in table
+
+
+def test_a_step_asked_with_two_prompt_versions_keeps_both(tmp_path):
+    rows = [_row(0), _row(1)]
+    rows[0]["tokens"] = _tokens(ent=("ent-zh-v1", 10, 1, 1, 0))
+    rows[1]["tokens"] = _tokens(ent=("ent-zh-v2", 20, 2, 1, 0))
+    _write(tmp_path / "rows", "a.json", rows)
+    summary, _ = collect_output(tmp_path / "rows", tmp_path / "annotated.jsonl")
+    assert set(summary.tokens["by_step"]) == {"ent@ent-zh-v1", "ent@ent-zh-v2"}
+
+
+def test_offline_annotators_report_no_tokens(tmp_path):
+    from knowfree_core.llm.engine import EngineConfig
+
+    (tmp_path / "in.txt").write_text("我在北京读书\n", encoding="utf-8")
+    rows = _rows(prepare_input([tmp_path / "in.txt"], tmp_path / "p", format="text"))
+    out = BatchAnnotator(AnnotatorSpec(name="jieba", steps=("seg",)))(rows)
+    assert json.loads(out[0]["tokens"]) == {}
+    _write(tmp_path / "rows", "a.json", out)
+    summary, _ = collect_output(tmp_path / "rows", tmp_path / "annotated.jsonl")
+    assert summary.tokens == {"by_step": {}, "per_1000_sentences": None}
+    summary.price(EngineConfig(price_per_million={"input": 1.0, "output": 1.0}))
+    assert summary.cost["run"] == 0 and summary.cost["per_1000_sentences"] is None
+
+
+def test_llm_rows_carry_the_servers_usage_and_a_cached_rerun_adds_none(llm_stub, tmp_path):
+    from knowfree_core.llm.engine import EngineConfig
+
+    llm_stub.answer = lambda request: '{"entities": [{"entity": "北京", "type": "地点"}]}'
+    (tmp_path / "in.txt").write_text("我在北京读书\n北京很大\n我在北京读书\n", encoding="utf-8")
+    rows = _rows(prepare_input([tmp_path / "in.txt"], tmp_path / "p", format="text"))
+    engine = EngineConfig(kind="openai", model="stub", base_url=llm_stub.base_url, max_retries=0)
+    spec = AnnotatorSpec(name="llm", steps=("ent",), options={"engine": engine, "cache": str(tmp_path / "c.sqlite")})
+    out = BatchAnnotator(spec)(rows)
+    assert llm_stub.count() == 2  # the repeated sentence is asked once
+    _write(tmp_path / "rows", "a.json", out)
+    summary, _ = collect_output(tmp_path / "rows", tmp_path / "annotated.jsonl")
+    ent = summary.tokens["by_step"]["ent"]
+    assert (ent["prompt_tokens"], ent["completion_tokens"]) == llm_stub.usage_totals()
+    assert (ent["requests"], ent["cached"], ent["prompt_version"]) == (2, 1, "ent-zh-v2")
+
+    again = BatchAnnotator(spec)(rows)
+    assert llm_stub.count() == 2
+    _write(tmp_path / "rows2", "a.json", again)
+    rerun, _ = collect_output(tmp_path / "rows2", tmp_path / "annotated2.jsonl")
+    assert rerun.tokens["by_step"]["ent"] | {"cached": 0} == {
+        "prompt_version": "ent-zh-v2", "prompt_tokens": 0, "completion_tokens": 0, "requests": 0, "cached": 0}
+    assert rerun.tokens["by_step"]["ent"]["cached"] == 3 and rerun.tokens["per_1000_sentences"] is None

@@ -124,15 +124,36 @@ def test_llm_job_against_an_openai_compatible_server(ray_cluster, llm_stub, tmp_
     config = _config(
         tmp_path, "annotator=llm", "steps=[ent,seg]", "llm.engine.kind=openai", "llm.engine.model=stub",
         f"llm.engine.base_url={llm_stub.base_url}", "llm.engine.max_retries=0",
+        "llm.engine.price_per_million.input=0.5", "llm.engine.price_per_million.output=2",
+        "llm.engine.cost_projection_sentences=2000",
     )
     summary = run_annotation(config)
     assert summary["sentences"] == 150
+    # the token ledger: the server's usage per step, summed over the rows (the access check's
+    # "ping" is no prompt of the run)
+    by_step = summary["tokens"]["by_step"]
+    for step, marker in (("ent", "命名实体"), ("seg", "分词")):
+        usage = [r.usage for r in llm_stub.requests if r.prompt_text != "ping" and marker in r.prompt_text]
+        # the sample repeats a few sentences: asked once, their copies count as cached
+        assert by_step[step] == {"prompt_version": f"{step}-zh-v2", "prompt_tokens": sum(u["prompt_tokens"] for u in usage),
+                                 "completion_tokens": sum(u["completion_tokens"] for u in usage),
+                                 "requests": len(usage), "cached": 150 - len(usage)}
+    prompt = sum(s["prompt_tokens"] for s in by_step.values())
+    completion = sum(s["completion_tokens"] for s in by_step.values())
+    per_1000 = summary["tokens"]["per_1000_sentences"]  # every answer asked anew: the copies at the mean
+    requests = by_step["ent"]["requests"]
+    assert per_1000["prompt_tokens"] == pytest.approx(prompt / requests * 1000, abs=0.1)
+    assert summary["cost"]["run"] == pytest.approx((prompt * 0.5 + completion * 2) / 1e6, abs=1e-6)
+    assert summary["cost"]["projected"]["sentences"] == 2000
+    assert summary["cost"]["projected"]["cost"] == pytest.approx(2 * summary["cost"]["per_1000_sentences"], abs=0.01)
+    written = json.loads((tmp_path / "job" / "summary.json").read_text(encoding="utf-8"))
+    assert written["tokens"] == summary["tokens"] and written["cost"] == summary["cost"]
     assert summary["spans_by_source"]["llm:ent"] >= 150
     # every garbage segmentation answer is a counted rejection, not a crash
     assert sum(n for reason, n in summary["rejections_by_reason"].items() if reason.startswith("seg:")) >= 150
     rows_file = next((tmp_path / "job" / "rows").glob("*.json"))
     row = json.loads(rows_file.read_text(encoding="utf-8").splitlines()[0])
-    assert json.loads(row["prompt_versions"]) == {"ent": "ent-zh-v1", "seg": "seg-zh-v1"}
+    assert json.loads(row["prompt_versions"]) == {"ent": "ent-zh-v2", "seg": "seg-zh-v2"}
     assert "测试" in json.loads(row["raw_answers"])["ent"]
     # every answer was cached: the same job elsewhere pays nothing but its 1-token access check
     def prompts_sent():
@@ -141,8 +162,12 @@ def test_llm_job_against_an_openai_compatible_server(ray_cluster, llm_stub, tmp_
     requests = len(prompts_sent())
     config.output_dir = str(tmp_path / "job2")
     config.llm.cache = str(tmp_path / "job" / "answers.sqlite")
-    run_annotation(config)
+    again = run_annotation(config)
     assert len(prompts_sent()) == requests
+    # served from the cache: no new tokens, every answer counted as cached, nothing to price
+    assert {step: (s["prompt_tokens"], s["completion_tokens"], s["requests"], s["cached"])
+            for step, s in again["tokens"]["by_step"].items()} == {"ent": (0, 0, 0, 150), "seg": (0, 0, 0, 150)}
+    assert again["cost"]["run"] == 0 and again["cost"]["per_1000_sentences"] is None
 
 
 def _first_sentences(tmp_path: Path, count: int) -> Path:
@@ -270,7 +295,7 @@ def test_an_llm_in_the_list_runs_next_to_an_offline_tool(ray_cluster, llm_stub, 
     ))
     assert set(summary["spans_by_source"]) == {"lac:ent", "llm:ent"} and summary["spans_by_source"]["llm:ent"] >= 4
     row = json.loads(next((tmp_path / "job" / "rows").glob("*.json")).read_text(encoding="utf-8").splitlines()[0])
-    assert json.loads(row["prompt_versions"]) == {"llm/ent": "ent-zh-v1"}
+    assert json.loads(row["prompt_versions"]) == {"llm/ent": "ent-zh-v2"}
     assert "测试" in json.loads(row["raw_answers"])["llm/ent"]
 
 
@@ -432,6 +457,10 @@ def test_a_bad_llm_engine_is_one_line_before_any_row_is_dispatched(tmp_path, cap
             ["llm.engine.kind=bogus", "llm.engine.model=m"],
         "llm.engine.model is empty": ["llm.engine.kind=openai"],
         "llm.engine.model: no model folder": ["llm.engine.kind=transformers", f"llm.engine.model={tmp_path / 'none'}"],
+        "llm.engine.structured_outputs: the transformers engine cannot constrain answers to a schema":
+            ["llm.engine.kind=transformers", f"llm.engine.model={tmp_path / 'none'}", "llm.engine.structured_outputs=true"],
+        "engine.price_per_million.input must be >= 0": ["llm.engine.kind=openai", "llm.engine.model=m",
+                                                            "llm.engine.price_per_million.input=-1"],
         "cannot reach http://127.0.0.1:9/v1": ["llm.engine.kind=openai", "llm.engine.model=m",
                                               "llm.engine.base_url=http://127.0.0.1:9/v1", "llm.engine.max_retries=0"],
     }

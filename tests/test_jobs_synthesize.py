@@ -105,8 +105,11 @@ def test_engine_failed_sources_under_max_error_rate_pass_and_are_asked_again(ray
     summary = run_synthesis(config)
     job = tmp_path / "job"
     assert summary["engine_failed_rows"] == 2 and summary["sources"] == 8
-    listed = [json.loads(line)["id"] for line in (job / "failed.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert sorted(listed) == sorted(s.id for s in sources[:2])
+    entries = [json.loads(line) for line in (job / "failed.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert sorted(entry["id"] for entry in entries) == sorted(s.id for s in sources[:2])
+    # each listed row says why: its engine errors with their reason and detail
+    assert all(entry["errors"] and all(e["reason"] == "engine error" and "overloaded" in e["detail"]
+                                       for e in entry["errors"]) for entry in entries)
     done = [json.loads(line)["id"] for path in (job / "rows").glob("*.json")
             for line in path.read_text(encoding="utf-8").splitlines()]
     assert sorted(done) == sorted(s.id for s in sources[2:])
@@ -121,3 +124,10 @@ def test_engine_failed_sources_under_max_error_rate_pass_and_are_asked_again(ray
             for line in path.read_text(encoding="utf-8").splitlines()]
     assert sorted(done) == sorted(s.id for s in sources)
     assert (job / "failed.jsonl").read_text(encoding="utf-8") == ""
+    # the ledger: the server's usage of every answered prompt (the failed ones reported none)
+    answered = [r.usage for r in llm_stub.requests if r.usage and r.prompt_text != "ping"]
+    steps = again["tokens"]["by_step"]
+    assert set(steps) <= {"exp", "ext"} and sum(s["requests"] for s in steps.values()) == len(answered) == 8
+    assert sum(s["prompt_tokens"] for s in steps.values()) == sum(u["prompt_tokens"] for u in answered)
+    assert sum(s["completion_tokens"] for s in steps.values()) == sum(u["completion_tokens"] for u in answered)
+    assert again["cost"] is None  # no price given

@@ -57,7 +57,7 @@ def test_answers_become_spans_and_rejections(llm_stub, tmp_path):
     assert pos == {(0, 1, "POS-r"), (1, 2, "POS-p"), (2, 6, "POS-nt"), (6, 8, "POS-X")}
     assert [(r.step, r.reason) for r in clean.rejections] == [("ent", "not found")]
     assert set(clean.raw_answers) == {"ent", "seg", "pos"}
-    assert clean.prompt_versions["ent"] == "ent-zh-v1"
+    assert clean.prompt_versions["ent"] == "ent-zh-v2"
 
     # truncated entity list keeps its complete item; the failed POS call is one rejection
     assert (0, 2, "ENT-地点", "llm:ent") in {(s.start, s.end, s.label, s.source) for s in broken.spans}
@@ -170,3 +170,75 @@ def test_types_and_tags_become_labels_only_if_short_printable_and_not_path_like(
     # a rejected tag leaves its word to the segmentation's fill-in tag
     pos = {(s.start, s.end, s.label) for s in result.spans if s.source == "llm:pos"}
     assert pos == {(0, 1, "POS-r"), (1, 2, "POS-X"), (2, 6, "POS-nt"), (6, 8, "POS-X")}
+
+
+# -- structured outputs and the token ledger ----------------------------------------------
+
+
+def _structured_answer(request) -> str:
+    """The answers a server constrained to each step's schema writes."""
+    name = request.body["response_format"]["json_schema"]["name"]
+    sentence = CLEAN if CLEAN in request.prompt_text else BROKEN
+    words = WORDS[sentence]
+    if name == "ent":
+        return json.dumps({"entities": [{"entity": words[-2], "type": "地点"}]}, ensure_ascii=False)
+    if name == "seg":
+        return json.dumps({"words": words}, ensure_ascii=False)
+    return json.dumps({"tags": [{"word": word, "pos": "n"} for word in words]}, ensure_ascii=False)
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_structured_outputs_send_each_steps_schema(llm_stub, tmp_path, structured):
+    from knowfree_core.prompts import load_prompt
+
+    llm_stub.answer = _structured_answer if structured else _answer
+    engine = EngineConfig(kind="openai", model="stub", base_url=llm_stub.base_url, max_retries=0, timeout_s=10,
+                          structured_outputs=structured)
+    annotator = get_annotator("llm", engine=engine, language="zh", cache=tmp_path / "answers.sqlite")
+    results = annotator.annotate([_sentence(0, CLEAN), _sentence(1, BROKEN)])
+    formats = [request.body.get("response_format") for request in llm_stub.requests]
+    assert len(formats) == 6
+    if not structured:
+        assert formats == [None] * 6
+        return
+    by_step = {f["json_schema"]["name"]: f for f in formats}
+    assert set(by_step) == {"ent", "seg", "pos"}
+    for step, sent in by_step.items():
+        assert sent == {"type": "json_schema", "json_schema": {
+            "name": step, "schema": load_prompt(step, "zh").schema, "strict": True}}
+    # schema-shaped answers are read without a single rejection
+    assert [r.rejections for r in results] == [[], []]
+    assert {s.source for r in results for s in r.spans} == {"llm:ent", "llm:seg", "llm:pos"}
+
+
+def test_structured_outputs_need_a_schema_in_every_json_prompt(llm_stub, tmp_path):
+    from knowfree_core.errors import ConfigError
+
+    folder = tmp_path / "prompts" / "zh"
+    folder.mkdir(parents=True)
+    (folder / "ent.yaml").write_text(
+        "name: ent\nlanguage: zh\nversion: ent-custom\nresponse: json\nuser: '{{ sentence }}'\n", encoding="utf-8")
+    engine = EngineConfig(kind="openai", model="stub", base_url=llm_stub.base_url, structured_outputs=True)
+    annotator = get_annotator("llm", engine=engine, language="zh", prompts_dir=tmp_path / "prompts")
+    with pytest.raises(ConfigError, match=r"ent\.yaml: engine\.structured_outputs is on, but the 'ent' prompt has no schema"):
+        annotator.check_access("llm.engine")
+
+
+def test_token_counts_per_step_equal_the_servers_usage_and_cache_hits_cost_none(llm_stub, tmp_path):
+    llm_stub.answer = _answer
+    sentences = [_sentence(0, CLEAN), _sentence(1, BROKEN)]
+    results = _annotator(llm_stub, tmp_path).annotate(sentences)
+    prompt, completion = llm_stub.usage_totals()
+    assert prompt > 0 and completion > 0
+    assert sum(t.prompt_tokens for r in results for t in r.tokens.values()) == prompt
+    assert sum(t.completion_tokens for r in results for t in r.tokens.values()) == completion
+    clean, broken = results
+    assert clean.tokens["ent"].prompt_version == "ent-zh-v2"
+    assert (clean.tokens["pos"].requests, clean.tokens["pos"].cached) == (1, 0)
+    assert broken.tokens["pos"].requests == 0  # the failed request: no answer, no tokens known
+
+    again = _annotator(llm_stub, tmp_path).annotate(sentences)
+    # from the cache: no new tokens, counted as cached; the failed POS prompt is asked anew
+    assert all(again[0].tokens[step].cached == 1 and again[0].tokens[step].prompt_tokens == 0
+               for step in ("ent", "seg", "pos"))
+    assert again[1].tokens["ent"].cached == 1 and again[1].tokens["pos"].cached == 0

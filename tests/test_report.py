@@ -160,3 +160,41 @@ def test_text_is_escaped_in_html_and_markdown():
     assert "<script>" not in page and "&lt;script&gt;" in page and "&lt;b&gt; &amp; c" in page
     assert "<title>t&lt;i&gt;</title>" in page and "<td>&lt;1&gt;</td>" in page
     assert "| A\\|B | <1> |" in render_markdown(blocks)
+
+
+TOKENS = {"by_step": {"ent": {"prompt_version": "ent-zh-v2", "prompt_tokens": 400, "completion_tokens": 80,
+                              "requests": 2, "cached": 1}},
+          "per_1000_sentences": {"prompt_tokens": 150000.0, "completion_tokens": 30000.0}}
+COST = {"run": 0.0016, "per_1000_sentences": 0.6, "projected": {"sentences": 1000000, "cost": 600.0}}
+
+
+def test_an_llm_job_folder_reports_its_tokens_and_cost(tmp_path):
+    job = tmp_path / "annotate"
+    job.mkdir()
+    (job / "summary.json").write_text(json.dumps({"sentences": 4, "tokens": TOKENS, "cost": COST}), encoding="utf-8")
+    assert main(["report", "--run", str(job)]) == 0
+    md = (job / "report" / "report.md").read_text(encoding="utf-8")
+    assert "LLM tokens and cost" in md
+    assert "| ent | ent-zh-v2 | 400 | 80 | 2 | 1 |" in md
+    assert "150000 prompt and 30000 completion tokens" in md
+    assert "cost of this output 0.0016; 0.6000 per 1000 sentences, 600.00 projected for 1,000,000 sentences" in md
+    # without a price: the tokens, and a note instead of the cost
+    (job / "summary.json").write_text(json.dumps({"tokens": TOKENS, "cost": None}), encoding="utf-8")
+    write_report(job)
+    assert "no price (engine.price_per_million)" in (job / "report" / "report.md").read_text(encoding="utf-8")
+
+
+def test_token_summaries_of_a_run_in_a_pipeline_cell_include_the_cells_stages(tmp_path):
+    from knowfree_core.report import token_summaries
+
+    cell = tmp_path / "k5-seed0"
+    for stage, tokens in (("annotate", TOKENS), ("synthesize", TOKENS), ("merge", None)):
+        (cell / stage).mkdir(parents=True)
+        summary = {"sentences": 4} | ({"tokens": tokens} if tokens else {})
+        (cell / stage / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    (cell / "train_f").mkdir()
+    (cell / "cell.json").write_text("{}", encoding="utf-8")
+    found = token_summaries(cell / "train_f")
+    assert [(s.name, s.tokens["by_step"]["ent"]["prompt_tokens"]) for s in found] == [
+        ("annotate", 400), ("synthesize", 400)]
+    assert token_summaries(tmp_path / "nowhere") == []

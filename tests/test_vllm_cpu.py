@@ -176,7 +176,7 @@ def test_annotate_job_with_vllm_engine_in_a_ray_actor(ray_cluster, tiny_model_di
     for row in rows:
         raw = json.loads(row["raw_answers"])
         assert set(raw) == {"ent", "seg"}, row  # the engine answered every prompt
-        assert json.loads(row["prompt_versions"]) == {"ent": "ent-zh-v1", "seg": "seg-zh-v1"}
+        assert json.loads(row["prompt_versions"]) == {"ent": "ent-zh-v2", "seg": "seg-zh-v2"}
         rejections = json.loads(row["rejections"])
         # the random model's garbage is counted, never an engine error
         assert not any(r.get("reason") == "engine error" for r in rejections), rejections
@@ -208,3 +208,57 @@ def test_synthesize_job_with_vllm_engine_in_a_ray_actor(ray_cluster, tiny_model_
     rows = [json.loads(line) for path in sorted((tmp_path / "job" / "rows").glob("*.json"))
             for line in path.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 8 and all(len(json.loads(row["raw_answers"])) == 1 for row in rows)
+
+
+def test_structured_outputs_leave_the_parser_nothing_to_reject(tiny_model_dir, tmp_path, request):
+    """The annotation prompts (P_ent, P_seg, P_pos) of 16 Weibo sentences through vLLM's
+    structured outputs (``StructuredOutputsParams(json=<the step's schema>)``): every complete
+    answer parses without a single rejection. The same prompts without schemas run beside it,
+    and both counts are reported: the random model's free answers are mostly rejected.
+
+    An answer vLLM cut at ``max_tokens`` (finish_reason ``length``) never closed its JSON: it
+    is counted apart, not parsed, since no schema can make an unfinished answer whole."""
+    from knowfree_core.formats import read_dataset
+    from knowfree_core.llm.parsing import parse_entities, parse_pos, parse_words
+    from knowfree_core.prompts import load_prompt
+
+    texts = [s.text for s in read_dataset(_subset(tmp_path / "train16.conll", 16))]
+    templates = {step: load_prompt(step, "zh") for step in ("ent", "seg", "pos")}
+    prompts = {
+        "ent": [templates["ent"].render(sentence=t) for t in texts],
+        "seg": [templates["seg"].render(sentence=t) for t in texts],
+        "pos": [templates["pos"].render(sentence=t, words=list(t)) for t in texts],
+    }
+    parsers = {"ent": parse_entities, "seg": parse_words, "pos": parse_pos}
+    params = GenerationParams(max_tokens=256)
+    counts: dict[bool, dict[str, int]] = {}
+    for structured in (False, True):
+        engine = build_engine(EngineConfig(kind="vllm", model=str(tiny_model_dir), dtype="float32",
+                                           max_model_len=MAX_MODEL_LEN, extra=dict(CPU_EXTRA),
+                                           structured_outputs=structured))
+        tally = {"answers": 0, "complete": 0, "cut at max_tokens": 0, "rejections": 0, "unparsable": 0}
+        try:
+            for step, batch in prompts.items():
+                schema = templates[step].response_schema if structured else None
+                completions = engine.generate(batch, params, schema=schema)
+                assert all(c.ok for c in completions), [c.error for c in completions]
+                # vLLM's own counts: len(prompt_token_ids), len(outputs[0].token_ids)
+                assert all(c.prompt_tokens > 0 and 0 < c.completion_tokens <= params.max_tokens for c in completions)
+                for completion in completions:
+                    tally["answers"] += 1
+                    if completion.finish_reason == "length":
+                        tally["cut at max_tokens"] += 1
+                        continue
+                    tally["complete"] += 1
+                    parsed = parsers[step](completion.text)
+                    tally["rejections"] += len(parsed.rejections)
+                    tally["unparsable"] += parsed.error is not None
+                    if structured:
+                        assert parsed.rejections == [] and parsed.error is None, (step, completion.text)
+        finally:
+            engine.close()
+        counts[structured] = tally
+    _report(request.config, f"structured outputs, 48 prompts: without schemas {counts[False]}; "
+                            f"with schemas {counts[True]}")
+    assert counts[True]["rejections"] == 0 and counts[True]["unparsable"] == 0
+    assert counts[True]["complete"] > 0, counts  # the assertion above held for real answers

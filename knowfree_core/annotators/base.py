@@ -38,6 +38,7 @@ from knowfree_core.annotators.alignment import (
     Rejection,
     align_words,
 )
+from knowfree_core.llm.ledger import StepTokens
 from knowfree_core.records import ExtensionSpan, Sentence
 from knowfree_core.registry import LazyRegistry
 from knowfree_core.retry import run_batch_or_one_by_one
@@ -78,6 +79,8 @@ class AnnotationResult:
     #: kept in output records so a user can audit any label back to the answer it came from.
     raw_answers: dict[str, str] = field(default_factory=dict)
     prompt_versions: dict[str, str] = field(default_factory=dict)
+    #: LLM annotators: the tokens each step's answer used (none for offline tools).
+    tokens: dict[str, StepTokens] = field(default_factory=dict)
 
 
 class Annotator(ABC):

@@ -32,15 +32,17 @@ from knowfree_core.annotators.base import (
     source_name,
 )
 from knowfree_core.annotators.alignment import align_words
-from knowfree_core.llm.cache import AnswerCache, generate_cached
+from knowfree_core.llm.cache import AnswerCache, ask, generate_cached
 from knowfree_core.llm.engine import (
-    REASON_ENGINE_ERROR, ChatPrompt, Completion, EngineConfig, GenerationParams, LLMEngine, build_engine,
-    check_engine_access,
+    REASON_ENGINE_ERROR, ChatPrompt, Completion, EngineConfig, GenerationParams, LLMEngine, ResponseSchema,
+    build_engine, check_engine_access,
 )
+from knowfree_core.llm.ledger import StepTokens
 from knowfree_core.llm.parsing import (
     DEFAULT_MAX_ANSWER_CHARS, ParsedAnswer, answer_too_long, parse_entities, parse_pos, parse_words,
 )
 from knowfree_core.llm.span_alignment import align_entities, align_pos_with_repair
+from knowfree_core.errors import ConfigError
 from knowfree_core.prompts import PromptTemplate, load_prompt
 from knowfree_core.records import ExtensionSpan, Sentence
 
@@ -67,6 +69,16 @@ def _clean_label(text: str) -> tuple[str, str | None]:
     if any(part in label for part in ("/", "\\", "..")) or label.startswith("."):
         return label, "path-like"
     return label, None
+
+
+def step_schema(template: PromptTemplate) -> ResponseSchema:
+    """``template``'s answer schema, for structured outputs; a json step without one is a
+    one-line ConfigError (a user's prompt folder may predate schemas)."""
+    schema = template.response_schema
+    if schema is None:
+        raise ConfigError(f"{template.path}: engine.structured_outputs is on, but the {template.name!r} prompt has "
+                          "no schema; add one (see prompts/<language>/*.yaml) or turn structured_outputs off")
+    return schema
 
 
 class LLMAnnotator(Annotator):
@@ -119,7 +131,11 @@ class LLMAnnotator(Annotator):
         """Fail fast on an unknown engine kind, a missing model, a wrong key or model name or an
         endpoint that is down (``check_engine_access``; ``key`` names the config section in
         the message). A local vllm/transformers engine is checked without building it: that
-        would load the model in the caller and again in every worker."""
+        would load the model in the caller and again in every worker. With structured
+        outputs, every step's prompt must have a schema."""
+        if self.structured_outputs:
+            for step in STEPS:
+                step_schema(self.prompts[step])
         if self._engine_config is not None:
             check_engine_access(self._engine_config, key)
             return
@@ -129,13 +145,26 @@ class LLMAnnotator(Annotator):
 
     # -- one step over all sentences ----------------------------------------------------
 
+    @property
+    def structured_outputs(self) -> bool:
+        """Whether answers are constrained to their step's schema (``EngineConfig``'s flag;
+        read from the config, so asking does not build the engine)."""
+        config = self._engine_config if self._engine_config is not None else self.engine.config
+        return bool(config.structured_outputs)
+
+    def schema(self, step: str) -> ResponseSchema | None:
+        """The schema sent with ``step``'s prompts: its template's, with structured outputs."""
+        if not self.structured_outputs:
+            return None
+        return step_schema(self.prompts[step])
+
     def _ask(self, step: str, prompts: list[ChatPrompt]) -> list[Completion]:
         if not prompts:
             return []
         version = self.prompts[step].version
         if self.cache is None:
-            return self.engine.generate(prompts, self.params)
-        return generate_cached(self.engine, self.cache, prompts, self.params, version)
+            return ask(self.engine, prompts, self.params, self.schema(step))
+        return generate_cached(self.engine, self.cache, prompts, self.params, version, self.schema(step))
 
     def annotate(self, sentences: list[Sentence], steps: tuple[str, ...] = STEPS) -> list[AnnotationResult]:
         wanted = self.check_steps(steps)
@@ -189,6 +218,7 @@ class LLMAnnotator(Annotator):
 
     def _record(self, result: AnnotationResult, step: str, answer: Completion) -> None:
         result.prompt_versions[step] = self.prompts[step].version
+        result.tokens[step] = StepTokens.of(self.prompts[step].version, [answer])
         if answer.ok:
             # An over-long answer is kept only up to the bound: it is rejected anyway, and the
             # row files should not carry megabytes of it.

@@ -1,7 +1,8 @@
 """A persistent answer cache: the same prompt to the same model is paid for once.
 
 Answers live in one SQLite file keyed by a sha256 of everything that decides the answer
-(engine kind, model, prompt version, the rendered messages, the generation parameters).
+(engine kind, model, prompt version, the rendered messages, the generation parameters and,
+with structured outputs, the answer's schema).
 Only successful completions are stored, so failed prompts are asked again on the next run.
 
 Several processes (Ray actors on one node) may read and write the file at once: the file is
@@ -18,9 +19,10 @@ import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 
-from knowfree_core.llm.engine import ChatPrompt, Completion, GenerationParams, LLMEngine
+from knowfree_core.llm.engine import ChatPrompt, Completion, GenerationParams, LLMEngine, ResponseSchema
 
 #: Rows per statement / transaction: keeps each write lock short and stays under SQLite's
 #: bound-variable limit.
@@ -62,11 +64,12 @@ class AnswerCache:
 
     @staticmethod
     def key(engine_kind: str, model: str, prompt_version: str, messages: ChatPrompt,
-            params: GenerationParams) -> str:
-        payload = json.dumps(
-            [engine_kind, model, prompt_version, messages, params.cache_key()],
-            ensure_ascii=False, sort_keys=True, separators=(",", ":"),
-        )
+            params: GenerationParams, schema: ResponseSchema | None = None) -> str:
+        parts: list = [engine_kind, model, prompt_version, messages, params.cache_key()]
+        if schema is not None:
+            # Appended only when set: the keys of unconstrained answers stay what they were.
+            parts.append(f"schema={schema.name}:{schema.as_json()}")
+        payload = json.dumps(parts, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
     def get_many(self, keys: Sequence[str]) -> dict[str, Completion]:
@@ -101,26 +104,49 @@ class AnswerCache:
             return connection.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
 
 
-def generate_cached(engine: LLMEngine, cache: AnswerCache | None, prompts: list[ChatPrompt],
-                    params: GenerationParams, prompt_version: str) -> list[Completion]:
-    """Answers for ``prompts`` in order: cache hits (``cached=True``) plus the engine's answers
-    to the misses, which are asked once per distinct prompt and stored when successful."""
-    if cache is None:
+def ask(engine: LLMEngine, prompts: list[ChatPrompt], params: GenerationParams,
+        schema: ResponseSchema | None = None) -> list[Completion]:
+    """``engine.generate``, with ``schema`` passed only when there is one: an engine written
+    before structured outputs (``generate(prompts, params)``) still answers the rest."""
+    if schema is None:
         return engine.generate(prompts, params)
-    keys = [AnswerCache.key(engine.kind, engine.model_name, prompt_version, p, params) for p in prompts]
+    return engine.generate(prompts, params, schema=schema)
+
+
+def generate_cached(engine: LLMEngine, cache: AnswerCache | None, prompts: list[ChatPrompt],
+                    params: GenerationParams, prompt_version: str,
+                    schema: ResponseSchema | None = None) -> list[Completion]:
+    """Answers for ``prompts`` in order: cache hits (``cached=True``) plus the engine's answers
+    to the misses, which are asked once per distinct prompt and stored when successful.
+
+    Token counts are those of the engine's answers; a hit, and every repeat of a prompt asked
+    once for the batch, has 0 and ``cached=True``, so summing a batch's tokens counts each
+    request once."""
+    if cache is None:
+        return ask(engine, prompts, params, schema)
+    keys = [AnswerCache.key(engine.kind, engine.model_name, prompt_version, p, params, schema) for p in prompts]
     answers: dict[str, Completion] = cache.get_many(keys)
     misses: dict[str, ChatPrompt] = {}
     for key, prompt in zip(keys, prompts):
         if key not in answers and key not in misses:
             misses[key] = prompt
     if misses:
-        fresh = engine.generate(list(misses.values()), params)
+        fresh = ask(engine, list(misses.values()), params, schema)
         if len(fresh) != len(misses):
             raise RuntimeError(f"{engine.kind} engine returned {len(fresh)} answers for {len(misses)} prompts")
         cache.put_many(zip(misses, fresh))
         answers.update(zip(misses, fresh))
     # Copies: a prompt repeated in the batch must not share one mutable Completion.
-    return [Completion(a.text, a.error, a.finish_reason, a.cached) for a in (answers[k] for k in keys)]
+    out: list[Completion] = []
+    seen: set[str] = set()
+    for key in keys:
+        answer = answers[key]
+        if key in seen and answer.ok:
+            out.append(Completion(answer.text, answer.error, answer.finish_reason, cached=True))
+        else:
+            out.append(replace(answer))
+        seen.add(key)
+    return out
 
 
 class CachedEngine(LLMEngine):
@@ -140,8 +166,13 @@ class CachedEngine(LLMEngine):
     def __repr__(self) -> str:
         return f"CachedEngine({self.engine!r}, {self.cache!r}, prompt_version={self.prompt_version!r})"
 
-    def generate(self, prompts: list[ChatPrompt], params: GenerationParams) -> list[Completion]:
-        return generate_cached(self.engine, self.cache, prompts, params, self.prompt_version)
+    @property
+    def supports_structured_outputs(self) -> bool:  # type: ignore[override]
+        return self.engine.supports_structured_outputs
+
+    def generate(self, prompts: list[ChatPrompt], params: GenerationParams,
+                 schema: ResponseSchema | None = None) -> list[Completion]:
+        return generate_cached(self.engine, self.cache, prompts, params, self.prompt_version, schema)
 
     def close(self) -> None:
         self.engine.close()

@@ -14,12 +14,13 @@ without building anything (a job's driver calls it before dispatching a row), an
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Optional
 
 from knowfree_core.bounds import COUNT, NON_NEGATIVE, POSITIVE, Bound, check_bounds
 from knowfree_core.errors import ConfigError
@@ -54,15 +55,54 @@ class GenerationParams:
         return f"max_tokens={self.max_tokens};temperature={self.temperature};top_p={self.top_p};seed={self.seed};stop={list(self.stop)}"
 
 
+#: OpenAI's rule for ``response_format.json_schema.name``.
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True)
+class ResponseSchema:
+    """The JSON schema an answer must follow when the engine constrains its output
+    (``EngineConfig.structured_outputs``). Passed to ``LLMEngine.generate`` per prompt batch:
+    each prompt step has its own (``PromptTemplate.response_schema``).
+
+    name
+        Names the schema for the endpoint (OpenAI: ``[A-Za-z0-9_-]{1,64}``); the step.
+    schema
+        The JSON schema itself; its top level is an object, as OpenAI's strict mode requires.
+    """
+
+    name: str
+    # hash=False: a dict does not hash; the name and the JSON text below identify it.
+    schema: Mapping[str, Any] = field(hash=False)
+
+    def __post_init__(self) -> None:
+        if not _SCHEMA_NAME.fullmatch(self.name):
+            raise ConfigError(f"response schema name {self.name!r} must match [A-Za-z0-9_-]{{1,64}}")
+        if not isinstance(self.schema, Mapping) or self.schema.get("type") != "object":
+            raise ConfigError(f"response schema {self.name!r}: the top level must be {{type: object}} (strict mode)")
+
+    def as_json(self) -> str:
+        """The schema as canonical JSON text: part of the answer-cache key."""
+        return json.dumps(self.schema, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
 @dataclass
 class Completion:
     """One answer. Exactly one of ``text`` and ``error`` is meaningful: ``error`` is set
-    when the engine gave up on this prompt (its reason, without secrets)."""
+    when the engine gave up on this prompt (its reason, without secrets).
+
+    ``prompt_tokens`` and ``completion_tokens`` are what this answer cost as the engine
+    counted them (OpenAI's ``usage``, vLLM's token ids, the transformers tokenizer); 0 for
+    an answer from the cache (``cached``: no new tokens), a failed prompt, or an endpoint
+    that reports no usage.
+    """
 
     text: str = ""
     error: str | None = None
     finish_reason: str | None = None
     cached: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
     @property
     def ok(self) -> bool:
@@ -71,6 +111,23 @@ class Completion:
 
 #: Field metadata of the EngineConfig settings that do not change the answers.
 SPEED_ONLY = {"speed_only": True}
+
+
+@dataclass
+class Price:
+    """What a million tokens cost, in any one currency (the cost lines of a job's summary
+    are in it)."""
+
+    #: Per million prompt (input) tokens.
+    input: float = 0.0
+    #: Per million completion (output) tokens.
+    output: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_bounds("engine.price_per_million", self, {"input": NON_NEGATIVE, "output": NON_NEGATIVE})
+
+    def cost(self, prompt_tokens: float, completion_tokens: float) -> float:
+        return (prompt_tokens * self.input + completion_tokens * self.output) / 1_000_000
 
 
 @dataclass
@@ -100,6 +157,16 @@ class EngineConfig:
         messages as text (base models without a template).
     extra
         Passed through to the engine's constructor (vllm ``LLM(**extra)``, etc.).
+    structured_outputs
+        Constrain each JSON answer to its prompt step's schema (the ``schema`` of the prompt
+        file): openai sends ``response_format`` (``json_schema``, strict), vllm decodes with
+        ``StructuredOutputsParams(json=...)``. transformers cannot: a ConfigError at
+        preflight. Off, answers are read by the tolerant parser alone.
+    price_per_million
+        ``{input: X, output: Y}``, the price of a million prompt and completion tokens: the
+        job's summary then prices its token counts (``cost``). None: tokens only.
+    cost_projection_sentences
+        The summary's ``cost.projected`` prices this many sentences at the run's mean cost.
 
     The fields marked :data:`SPEED_ONLY` change how fast (or through which endpoint and key)
     answers come, not what is answered: a job may resume with other values of them.
@@ -121,18 +188,29 @@ class EngineConfig:
     gguf_file: str | None = None
     chat_template: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
+    structured_outputs: bool = False
+    price_per_million: Optional[Price] = field(default=None, metadata=SPEED_ONLY)
+    cost_projection_sentences: int = field(default=1_000_000, metadata=SPEED_ONLY)
 
     def __post_init__(self) -> None:
+        # Actors rebuild the config from asdict(): the price arrives as a plain mapping.
+        if isinstance(self.price_per_million, Mapping):
+            self.price_per_million = Price(**self.price_per_million)
         check_bounds("engine", self, {
             "max_concurrency": COUNT, "tensor_parallel_size": COUNT, "max_model_len": COUNT,
             "max_retries": NON_NEGATIVE, "timeout_s": POSITIVE, "gpu_memory_utilization": _SHARE,
+            "cost_projection_sentences": COUNT,
         })
 
     def answer_settings(self) -> dict[str, Any]:
         """The settings that decide the answers (all but the :data:`SPEED_ONLY` fields): what
         a job compares before it resumes another run's rows."""
         values = asdict(self)
-        return {f.name: values[f.name] for f in fields(self) if not f.metadata.get("speed_only")}
+        settings = {f.name: values[f.name] for f in fields(self) if not f.metadata.get("speed_only")}
+        if not self.structured_outputs:
+            # Compared only when on: output folders of the versions before the setting resume.
+            del settings["structured_outputs"]
+        return settings
 
 
 #: Role labels of the plain-text rendering (``chat_template: plain``).
@@ -176,6 +254,9 @@ class LLMEngine(ABC):
     #: job's driver then builds one and calls its ``check_access`` before dispatching rows.
     #: Local engines are never built in the driver: that would load the model twice.
     remote: bool = False
+    #: Whether ``generate`` can constrain answers to a :class:`ResponseSchema`; ``check_engine``
+    #: refuses ``structured_outputs`` for an engine that cannot.
+    supports_structured_outputs: bool = False
 
     @classmethod
     def check_config(cls, config: "EngineConfig", key: str = "engine") -> None:
@@ -198,8 +279,18 @@ class LLMEngine(ABC):
         return self.config.model
 
     @abstractmethod
-    def generate(self, prompts: list[ChatPrompt], params: GenerationParams) -> list[Completion]:
-        """One completion per prompt, in input order; never raises for a single prompt."""
+    def generate(self, prompts: list[ChatPrompt], params: GenerationParams,
+                 schema: ResponseSchema | None = None) -> list[Completion]:
+        """One completion per prompt, in input order; never raises for a single prompt.
+        With ``schema``, every answer is constrained to it (structured outputs); an engine
+        without ``supports_structured_outputs`` raises ValueError for one."""
+
+    def _refuse_schema(self, schema: ResponseSchema | None) -> None:
+        """For engines without structured outputs: a schema is a caller's mistake, never
+        silently dropped (the answers would not be what the caller asked for)."""
+        if schema is not None:
+            raise ValueError(f"the {self.kind} engine does not support structured outputs "
+                             f"(schema {schema.name!r}); set engine.structured_outputs: false")
 
     def close(self) -> None:
         """Release connections, processes or GPU memory. Safe to call twice."""
@@ -234,6 +325,11 @@ def check_engine(config: EngineConfig, key: str = "engine") -> type[LLMEngine]:
     engine_class = replace(_ENGINES, key=f"{key}.kind").resolve(config.kind)
     if not str(config.model or "").strip():
         raise ConfigError(f"{key}.model is empty: name the model ({key}.kind {config.kind!r})")
+    if config.structured_outputs and not engine_class.supports_structured_outputs:
+        supported = ", ".join(name for name in known_engines()
+                              if _ENGINES.resolve(name).supports_structured_outputs)
+        raise ConfigError(f"{key}.structured_outputs: the {config.kind} engine cannot constrain answers to a "
+                          f"schema (engines that can: {supported}); set it to false")
     engine_class.check_config(config, key)
     return engine_class
 

@@ -20,7 +20,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from knowfree_core.errors import ConfigError
-from knowfree_core.llm.engine import ChatPrompt, Completion, EngineConfig, GenerationParams, LLMEngine, render_plain
+from knowfree_core.llm.engine import (
+    ChatPrompt, Completion, EngineConfig, GenerationParams, LLMEngine, ResponseSchema, render_plain,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +75,20 @@ def resolve_api_key(config: EngineConfig) -> str:
     )
 
 
+def response_format_of(schema: ResponseSchema) -> dict:
+    """The ``response_format`` of a chat request constrained to ``schema`` (the client's
+    ``ResponseFormatJSONSchema``): strict, so the server enforces the schema rather than
+    taking it as a hint."""
+    return {"type": "json_schema",
+            "json_schema": {"name": schema.name, "schema": dict(schema.schema), "strict": True}}
+
+
 class OpenAIEngine(LLMEngine):
     """Chat (or, with ``chat_template: plain``, text) completions from an OpenAI-compatible server."""
 
     kind = "openai"
     remote = True
+    supports_structured_outputs = True
 
     def __init__(self, config: EngineConfig):
         super().__init__(config)
@@ -111,19 +122,20 @@ class OpenAIEngine(LLMEngine):
 
     __str__ = __repr__
 
-    def generate(self, prompts: list[ChatPrompt], params: GenerationParams) -> list[Completion]:
+    def generate(self, prompts: list[ChatPrompt], params: GenerationParams,
+                 schema: ResponseSchema | None = None) -> list[Completion]:
         if not prompts:
             return []
         workers = max(1, min(self.config.max_concurrency, len(prompts)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="openai-engine") as pool:
             # map keeps input order whatever order the answers arrive in.
-            completions = list(pool.map(lambda prompt: self._one(prompt, params), prompts))
+            completions = list(pool.map(lambda prompt: self._one(prompt, params, schema), prompts))
         failed = sum(not completion.ok for completion in completions)
         if failed:
             log.warning("openai engine: %d of %d prompts failed after retries", failed, len(prompts))
         return completions
 
-    def _one(self, prompt: ChatPrompt, params: GenerationParams) -> Completion:
+    def _one(self, prompt: ChatPrompt, params: GenerationParams, schema: ResponseSchema | None) -> Completion:
         # Only options that are set are sent: some servers reject ``seed: null`` or ``stop: []``.
         options: dict = {"model": self.config.model, "max_tokens": params.max_tokens,
                          "temperature": params.temperature, "top_p": params.top_p}
@@ -132,6 +144,14 @@ class OpenAIEngine(LLMEngine):
         stops = self.stops(params, limit=_MAX_STOPS)
         if stops:
             options["stop"] = stops
+        if schema is not None:
+            response_format = response_format_of(schema)
+            if self._plain:
+                # The client's completions.create has no response_format argument; servers that
+                # constrain text completions (vLLM) read it from the body all the same.
+                options["extra_body"] = {"response_format": response_format}
+            else:
+                options["response_format"] = response_format
         try:
             if self._plain:
                 response = self._client.completions.create(prompt=render_plain(prompt), **options)
@@ -141,8 +161,11 @@ class OpenAIEngine(LLMEngine):
                 response = self._client.chat.completions.create(messages=prompt, **options)
                 choice = response.choices[0]
                 text = choice.message.content
+            usage = getattr(response, "usage", None)  # optional in the API: some servers omit it
             # Scrubbed here, before generate_cached stores it: answers go to the cache and rows.
-            return Completion(text=self._scrub(text or ""), finish_reason=choice.finish_reason)
+            return Completion(text=self._scrub(text or ""), finish_reason=choice.finish_reason,
+                              prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+                              completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0))
         except Exception as exc:  # one prompt's failure must not cost the batch
             return Completion(error=self._describe(exc))
 

@@ -22,7 +22,8 @@ from typing import Any
 from knowfree_core.encoders.e5_offline import default_cache_root
 from knowfree_core.errors import ConfigError
 from knowfree_core.llm.engine import (
-    ChatPrompt, Completion, EngineConfig, GenerationParams, LLMEngine, check_local_model, render_plain,
+    ChatPrompt, Completion, EngineConfig, GenerationParams, LLMEngine, ResponseSchema, check_local_model,
+    render_plain,
 )
 from knowfree_core.retry import run_batch_or_one_by_one
 
@@ -104,6 +105,18 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def _generated_length(row: list[int], eos_ids: set[int], pad_id: int | None) -> int:
+    """Tokens a row really generated: through its first end-of-sequence token; the padding
+    a batch adds after a row that ended early is not generation."""
+    for index, token in enumerate(row):
+        if token in eos_ids:
+            return index + 1
+    if pad_id is not None:
+        while row and row[-1] == pad_id:
+            row = row[:-1]
+    return len(row)
+
+
 class TransformersEngine(LLMEngine):
     """``AutoModelForCausalLM`` + ``AutoTokenizer`` from a local dir (or a GGUF file in it)."""
 
@@ -156,7 +169,9 @@ class TransformersEngine(LLMEngine):
             return render_plain(prompt)
         return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
-    def generate(self, prompts: list[ChatPrompt], params: GenerationParams) -> list[Completion]:
+    def generate(self, prompts: list[ChatPrompt], params: GenerationParams,
+                 schema: ResponseSchema | None = None) -> list[Completion]:
+        self._refuse_schema(schema)  # no constrained decoding here (check_engine says so up front)
         batch_size = max(1, self.config.max_concurrency)
         completions: list[Completion] = []
         for start in range(0, len(prompts), batch_size):
@@ -172,6 +187,8 @@ class TransformersEngine(LLMEngine):
         encoded = self.tokenizer(texts, return_tensors="pt", padding=True,
                                  add_special_tokens=self._plain).to(self.config.device)
         prompt_length = encoded["input_ids"].shape[1]
+        # Left padding: a row's own prompt is its unpadded tokens, not the padded width.
+        prompt_tokens = encoded["attention_mask"].sum(dim=1).tolist()
         limit = self.config.max_model_len
         if limit and prompt_length + params.max_tokens > limit:
             raise ValueError(f"prompt of {prompt_length} tokens + max_tokens {params.max_tokens} exceeds "
@@ -196,11 +213,13 @@ class TransformersEngine(LLMEngine):
             output = self.model.generate(**encoded, **options)
         completions = []
         eos_ids = self._eos_ids()
-        for row in output[:, prompt_length:].tolist():
+        pad_id = self.tokenizer.pad_token_id
+        for row, prompt_count in zip(output[:, prompt_length:].tolist(), prompt_tokens):
             text, stopped = cut_at_stop(self.tokenizer.decode(row, skip_special_tokens=True), stops)
             ended = stopped or any(token in eos_ids for token in row)
             finish = "stop" if ended or len(row) < params.max_tokens else "length"
-            completions.append(Completion(text=text, finish_reason=finish))
+            completions.append(Completion(text=text, finish_reason=finish, prompt_tokens=int(prompt_count),
+                                          completion_tokens=_generated_length(row, eos_ids, pad_id)))
         return completions
 
     def _eos_ids(self) -> set[int]:

@@ -11,6 +11,9 @@ What :func:`write_report` puts in the folder:
     embeddings_2d.png           training, synthetic and test sentence embeddings in 2-D
                                 (the paper's Figure 5)
 
+A folder holding LLM job summaries (jobs.annotate / jobs.synthesize ``summary.json`` with
+``tokens``) gets their tokens per step and cost; one without a training run gets only that.
+
 The modules: ``run_folder`` reads a run back, ``analysis`` computes with its model and an
 embedder, ``plots`` draws, ``document`` renders Markdown and HTML, ``writer`` assembles the
 report. matplotlib, torch, scikit-learn and sentence-transformers are imported inside the
@@ -30,7 +33,7 @@ from .plots import (
     plot_f1_by_training_size,
     plot_learning_curve,
 )
-from .run_folder import RunRecord, SizePoint, load_run, training_size_points
+from .run_folder import RunRecord, SizePoint, TokenSummary, load_run, token_summaries, training_size_points
 from .writer import REPORT_DIR, write_report
 
 __all__ = [
@@ -42,6 +45,8 @@ __all__ = [
     "EMBEDDINGS_2D",
     "RunRecord",
     "SizePoint",
+    "TokenSummary",
+    "token_summaries",
     "ExtensionAffinity",
     "load_run",
     "write_report",

@@ -75,6 +75,43 @@ def _read_split(config: KnowFreeConfig, path: Union[str, Path], override: bool =
     return read_dataset(path, format=config.data.format, **dict(config.data.read_options or {}))
 
 
+# ====================================================================== LLM job summaries
+@dataclass(frozen=True)
+class TokenSummary:
+    """The token ledger of one LLM job's ``summary.json`` (``jobs.annotate``, ``jobs.synthesize``)."""
+
+    name: str  # the job's folder, relative to where the report looked
+    tokens: dict
+    cost: Optional[dict]
+
+
+def token_summaries(folder: Union[str, Path]) -> list[TokenSummary]:
+    """The ``summary.json`` files with LLM token counts in ``folder`` and its subfolders (a job's
+    output folder, or a pipeline cell with its annotate/ and synthesize/ stages); for a run
+    folder inside a pipeline cell (its parent holds cell.json), the cell's stages too."""
+    folder = Path(folder)
+    places = [folder, *sorted(p for p in folder.iterdir() if p.is_dir())] if folder.is_dir() else []
+    base = folder
+    if (folder.parent / "cell.json").is_file():
+        base = folder.parent
+        places += sorted(p for p in folder.parent.iterdir() if p.is_dir() and p != folder)
+    found = []
+    for place in places:
+        path = place / "summary.json"
+        if not path.is_file():
+            continue
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            logger.warning("%s: unreadable (%s); left out of the token report", path, error)
+            continue
+        tokens = summary.get("tokens") if isinstance(summary, dict) else None
+        if isinstance(tokens, dict) and tokens.get("by_step"):
+            name = str(place.relative_to(base)) if place != base else place.name
+            found.append(TokenSummary(name, tokens, summary.get("cost")))
+    return found
+
+
 # ====================================================================== F1 against training size
 @dataclass(frozen=True)
 class SizePoint:

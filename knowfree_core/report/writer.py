@@ -25,7 +25,8 @@ from .plots import (
     plot_f1_by_training_size,
     plot_learning_curve,
 )
-from .run_folder import RunRecord, _read_split, load_run, training_size_points
+from ..llm.ledger import TOKEN_HEADER, token_rows
+from .run_folder import RunRecord, TokenSummary, _read_split, load_run, token_summaries, training_size_points
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,45 @@ def _training_data_section(train: Sequence[Sentence], vocab: Optional[LabelVocab
             f"The model's vocabulary: {vocab.num_targets} target labels ({', '.join(vocab.targets)}) and "
             f"{vocab.num_extensions} extension labels" + (f" ({shown})." if vocab.num_extensions else ".")))
     return blocks
+
+
+def _tokens_section(summaries: Sequence[TokenSummary]) -> list[Block]:
+    """Each LLM job's tokens per step and, with a price, its cost (as in its summary.json)."""
+    if not summaries:
+        return []
+    blocks: list[Block] = [Heading("LLM tokens and cost")]
+    for summary in summaries:
+        blocks += [Heading(summary.name, 3), Table(TOKEN_HEADER, token_rows(summary.tokens))]
+        facts = []
+        per_1000 = summary.tokens.get("per_1000_sentences")
+        if per_1000:
+            facts.append(f"per 1000 sentences (every answer asked anew): {per_1000['prompt_tokens']:.0f} prompt and "
+                         f"{per_1000['completion_tokens']:.0f} completion tokens")
+        cost = summary.cost
+        if cost:
+            facts.append(f"cost of this output {cost['run']:.4f}")
+            if cost.get("per_1000_sentences") is not None:
+                projected = cost["projected"]
+                facts.append(f"{cost['per_1000_sentences']:.4f} per 1000 sentences, "
+                             f"{projected['cost']:.2f} projected for {projected['sentences']:,} sentences")
+        else:
+            facts.append("no price (engine.price_per_million) to cost it")
+        blocks.append(Paragraph("; ".join(facts) + ". Cached answers used no new tokens."))
+    return blocks
+
+
+def _write_job_report(folder: Path, summaries: Sequence[TokenSummary]) -> Path:
+    """The report of a folder that holds LLM job summaries but no training run."""
+    out = folder / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"KnowFREE LLM job report: {folder.name}"
+    blocks: list[Block] = [Heading(title, 1), Paragraph(f"Folder {folder}: no training run (config.yaml).")]
+    blocks += _tokens_section(summaries)
+    (out / "report.md").write_text(render_markdown(blocks), encoding="utf-8")
+    page = out / "report.html"
+    page.write_text(render_html(blocks, title), encoding="utf-8")
+    logger.info("report written to %s", page)
+    return page
 
 
 def _run_facts(run: RunRecord, test_name: Optional[str]) -> Paragraph:
@@ -245,7 +285,15 @@ def write_report(
     compare_runs: other run folders (e.g. the cells of a pipeline grid) for the F1 against
         training size plot; this run is always included.
     Skipped parts (no extension labels, no test file, embeddings off) get a note instead.
+
+    The LLM jobs' token counts and cost (their summary.json, :func:`token_summaries`) get a
+    section; a folder with such summaries but no run (a jobs.annotate output folder) gets a
+    report of them alone.
     """
+    if not (Path(run_dir) / "config.yaml").is_file():
+        summaries = token_summaries(run_dir)
+        if summaries:
+            return _write_job_report(Path(run_dir), summaries)
     run = load_run(run_dir)
     out = run.run_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -269,6 +317,7 @@ def write_report(
     blocks += _f1_by_size_section(run, compare_runs, out)
     blocks += heatmap_blocks
     blocks += _embeddings_section(run, test, out, embeddings, embedder, max_per_set, seed)
+    blocks += _tokens_section(token_summaries(run.run_dir))
 
     (out / "report.md").write_text(render_markdown(blocks), encoding="utf-8")
     page = out / "report.html"
