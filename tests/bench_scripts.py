@@ -21,3 +21,12 @@ def load_bench_script(stem: str, module_name: str | None = None) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def markdown_table_rows(output: str) -> dict[str, dict[str, str]]:
+    """The first markdown table printed in ``output``, as {first cell: {column: cell}}: how the
+    bench scripts' tests read the tables they print."""
+    lines = [line for line in output.splitlines() if line.startswith("| ")]
+    columns = [c.strip() for c in lines[0].strip("|").split("|")]
+    return {cells[0]: dict(zip(columns, cells))
+            for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}

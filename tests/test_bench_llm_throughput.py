@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench_scripts import load_bench_script
+from bench_scripts import load_bench_script, markdown_table_rows
 from model_fixtures import tiny_corpus
 
 SENTENCES = 30
@@ -20,13 +20,6 @@ def _text_file(tmp_path, count: int, seed: int):
     path = tmp_path / "sentences.txt"
     path.write_text("".join(text + "\n" for text in texts), encoding="utf-8")
     return path
-
-
-def _table_rows(output: str) -> dict[str, dict[str, str]]:
-    lines = [line for line in output.splitlines() if line.startswith("| ")]
-    columns = [c.strip() for c in lines[0].strip("|").split("|")]
-    return {cells[0]: dict(zip(columns, cells))
-            for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
 
 
 def test_endpoint_answers_every_step_without_rejections():
@@ -60,7 +53,7 @@ def test_grid_loop_and_ray_data_llm_rows_and_nothing_appended(tmp_path, capsys, 
     assert bench.main(argv) == 0
     output = capsys.readouterr().out
 
-    rows = _table_rows(output.split("Setup:")[-1])
+    rows = markdown_table_rows(output.split("Setup:")[-1])
     assert list(rows) == ["jobs.annotate 1×1", "jobs.annotate 1×4", "single-process loop, max_concurrency 4",
                           "ray.data.llm HTTP processor 1×2 per step"]
     for row in rows.values():
@@ -92,6 +85,6 @@ def test_429s_are_absorbed_and_append_writes_one_section(tmp_path, capsys, ray_c
     text = results.read_text(encoding="utf-8")
     assert text.count("\n## ") == 1 and "## LLM annotation throughput against a rate-limited endpoint" in text
     assert "Command: `python bench/llm_throughput.py --data " in text and "--append" in text
-    row = _table_rows(text.split("Setup:")[-1])["jobs.annotate 1×4"]
+    row = markdown_table_rows(text.split("Setup:")[-1])["jobs.annotate 1×4"]
     assert int(row["429s (absorbed)"]) > 0 and row["peak in flight"] == "2"
     assert row["rejections"] == "0" and row["lost rows"] == "0" and row["requests"] == "36"

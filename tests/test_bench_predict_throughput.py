@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench_scripts import load_bench_script
+from bench_scripts import load_bench_script, markdown_table_rows
 from model_fixtures import save_trained_tiny_model, tiny_corpus
 
 
@@ -25,13 +25,6 @@ def _text_file(tmp_path, count=30):
     path = tmp_path / "sentences.txt"
     path.write_text("".join(s.text + "\n" for s in tiny_corpus(count, seed=4, with_extensions=False)), encoding="utf-8")
     return path
-
-
-def _table_rows(output: str) -> dict[str, dict[str, str]]:
-    lines = [line for line in output.splitlines() if line.startswith("| ")]
-    columns = [c.strip() for c in lines[0].strip("|").split("|")]
-    return {cells[0]: dict(zip(columns, cells))
-            for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
 
 
 def _run(bench, argv):
@@ -52,7 +45,7 @@ def test_loop_and_one_actor_rows_and_nothing_appended(tiny_model, tmp_path, caps
     assert _run(bench, argv) == 0
     output = capsys.readouterr().out
 
-    rows = _table_rows(output.split("Setup:")[-1])
+    rows = markdown_table_rows(output.split("Setup:")[-1])
     assert list(rows) == ["single-process loop (fp32, 1 thread)", "jobs.predict, 1 actor"]
     loop, job = rows.values()
     for row in rows.values():
@@ -82,5 +75,5 @@ def test_loop_only_appends_one_section(tiny_model, tmp_path, capsys):
     assert text.count("\n## ") == 1 and "## Prediction throughput (CPU): a single-process loop on sentences.txt" in text
     assert "Command: `python bench/predict_throughput.py --model " in text and "--loop-only" in text
     assert "Machine: " in text and f"torch {torch.__version__}" in text
-    assert list(_table_rows(text.split("Setup:")[-1])) == ["single-process loop (fp32, 1 thread)"]
-    assert _table_rows(text.split("Setup:")[-1])["single-process loop (fp32, 1 thread)"]["sentences"] == "30"
+    assert list(markdown_table_rows(text.split("Setup:")[-1])) == ["single-process loop (fp32, 1 thread)"]
+    assert markdown_table_rows(text.split("Setup:")[-1])["single-process loop (fp32, 1 thread)"]["sentences"] == "30"
