@@ -121,7 +121,7 @@ def time_job(model_dir: Path, corpus: Path, format: Optional[str], actors: int, 
     started_here = not ray.is_initialized()
     started = time.perf_counter()
     pool = config.pool  # what jobs.rowjob.map_rows_with_actors asks for: actors, a read task, Ray Data's filter
-    init_ray(config.ray, min_cpus=pool.num_actors * pool.cpus_per_actor + pool.read_cpus + 1.0)
+    init_ray(config.ray, min_cpus=pool.cpu_slots())
     ray_start = time.perf_counter() - started if started_here else 0.0
     try:
         started = time.perf_counter()

@@ -305,7 +305,7 @@ def run_cells(cells: list[PlannedCell], results_path: str | Path, command: str, 
     """Run each pending cell's variants and append each variant's record as it finishes."""
     if not cells:
         return 0
-    init_ray(ray, min_cpus=max(c.pipeline.train_resources.num_cpus for c in cells))
+    init_ray(ray, min_cpus=max(c.pipeline.cpu_slots() for c in cells))
     machine = machine_description()
     for cell in cells:
         # Splits read with reader options (CoNLL-U task=pos) work as they are: the pipeline's

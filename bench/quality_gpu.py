@@ -171,7 +171,7 @@ def export(config_path: str, out: Path, only: Optional[str], results_path: Optio
         raise SystemExit(f"{out} exists and is not a bundle (no {MANIFEST}): choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     exporter = Exporter(out)
-    init_ray(config.ray, min_cpus=max(c.pipeline.train_resources.num_cpus for c in pending))
+    init_ray(config.ray, min_cpus=max(c.pipeline.cpu_slots() for c in pending))
     for cell in pending:
         train_config = load_config(cell.pipeline.train_config, list(cell.pipeline.train_overrides) + list(cell.overrides))
         logger.info("exporting %s/%s: %s", cell.dataset, cell.name, ", ".join(cell.variants))

@@ -24,6 +24,11 @@ class ActorPool:
         check_bounds("pool", self, {"num_actors": COUNT, "batch_size": COUNT,
                                     "cpus_per_actor": NON_NEGATIVE, "gpus_per_actor": NON_NEGATIVE})
 
+    def cpu_slots(self) -> float:
+        """The CPU slots the pool's job needs at once (``init_ray``'s ``min_cpus``): the actors,
+        plus half a slot for the tasks that read and write beside them."""
+        return self.num_actors * self.cpus_per_actor + 0.5
+
 
 def map_with_actor_pool(dataset: Any, actor: Callable[..., Any], constructor_kwargs: dict[str, Any],
                         pool: ActorPool) -> Any:

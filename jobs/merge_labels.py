@@ -118,8 +118,7 @@ def run_merge(config: MergeJobConfig) -> dict:
         raise ConfigError(f"{config.input}: no ENT-* extension labels to merge (run jobs.annotate with step ent)")
     logger.info("%d entity labels, %d distinct samples", len(samples), sum(map(len, samples.values())))
 
-    init_ray(config.ray, min_cpus=config.pool.num_actors * config.pool.cpus_per_actor + 0.5,
-             settings="pool.num_actors or pool.cpus_per_actor")
+    init_ray(config.ray, min_cpus=config.pool.cpu_slots(), settings="pool.num_actors or pool.cpus_per_actor")
     vectors = embed_with_ray(samples, config)
 
     groups = None

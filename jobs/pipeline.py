@@ -241,6 +241,15 @@ class CellSettings:
     #: ``grid.variants``; a name is a plain folder name and must not shadow a built-in variant.
     custom_variants: Dict[str, VariantSpec] = field(default_factory=dict)
 
+    def cpu_slots(self) -> float:
+        """The CPU slots the busiest stage needs at once: what a local cluster started for the
+        cells must have, since it cannot grow later (a stage short of slots would wait forever,
+        so ``init_ray`` refuses it). Slots are logical: more than the cores only queues work."""
+        pools = [self.annotate.pool, self.merge.pool, self.synthesis.pool, self.synthesis.label.pool,
+                 self.unlabeled.pool]
+        pools += [spec.pool(self.unlabeled).pool for spec in self.custom_variants.values() if spec.self_training]
+        return max([self.train_resources.num_cpus] + [pool.cpu_slots() for pool in pools])
+
 
 @dataclass
 class PipelineConfig(CellSettings):
@@ -642,7 +651,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     out = Path(config.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cells = grid_cells(config)
-    init_ray(config.ray, min_cpus=config.train_resources.num_cpus, settings="train_resources.num_cpus")
+    init_ray(config.ray, min_cpus=config.cpu_slots(), settings="train_resources.num_cpus or a stage's pool")
     results: dict[str, dict] = {}
     for name, overrides in cells:
         train_config = load_config(config.train_config, list(config.train_overrides) + overrides)

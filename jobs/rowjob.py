@@ -50,6 +50,11 @@ class PoolConfig(ActorPool):
         super().__post_init__()
         check_bounds("pool", self, {"read_cpus": NON_NEGATIVE, "blocks": COUNT})
 
+    def cpu_slots(self) -> float:
+        """The actors, one read task and the checkpoint filter actor Ray Data adds on a resume
+        (capped at one in ``map_rows_with_actors``)."""
+        return self.num_actors * self.cpus_per_actor + self.read_cpus + 1.0
+
 
 def _under_root(name: str) -> property:
     """A read-only ``JobPaths`` attribute: ``root / name``."""
@@ -202,9 +207,7 @@ def map_rows_with_actors(
     import ray
     from ray.data.checkpoint import CheckpointConfig
 
-    # actors + one read task + the checkpoint filter actor Ray Data adds on resume
-    init_ray(ray_config, min_cpus=pool.num_actors * pool.cpus_per_actor + pool.read_cpus + 1.0,
-             settings="pool.num_actors, pool.cpus_per_actor or pool.read_cpus")
+    init_ray(ray_config, min_cpus=pool.cpu_slots(), settings="pool.num_actors, pool.cpus_per_actor or pool.read_cpus")
     context = ray.data.DataContext.get_current()
     checkpoint = CheckpointConfig(
         id_column="id", checkpoint_path=str(paths.checkpoint), delete_checkpoint_on_success=False

@@ -124,6 +124,20 @@ def test_variant_fs_end_to_end_against_a_loopback_openai_server(ray_cluster, llm
     assert [r.prompt_text for r in llm_stub.requests[requests:]] == ["ping"] * (len(llm_stub.requests) - requests)
 
 
+def test_a_pipeline_starts_its_local_cluster_with_the_slots_of_its_busiest_stage():
+    """The demo's synthesis pool (1 actor of 1 CPU + its read task + Ray Data's checkpoint
+    filter) needs 2.25 slots, more than its training's 2: a local cluster sized for training
+    alone cannot grow, and the synthesis stage was refused once F was trained."""
+    from jobs.rowjob import PoolConfig
+
+    demo = str(Path(__file__).resolve().parents[1] / "configs" / "demo-pipeline.yaml")
+    config = load_structured(PipelineConfig, demo, [])
+    assert config.cpu_slots() >= config.synthesis.pool.cpu_slots() == 2.25 > config.train_resources.num_cpus
+    wide = load_structured(PipelineConfig, demo,
+                           ["custom_variants={FU-wide: {self_training: true, unlabeled: {pool: {num_actors: 4}}}}"])
+    assert wide.cpu_slots() == PoolConfig(num_actors=4).cpu_slots()
+
+
 def test_summary_table_gives_mean_and_std_over_seeds():
     def cell(f1):
         return {"test": {"f1": f1}}
