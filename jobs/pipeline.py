@@ -423,16 +423,22 @@ class Cell:
         labeled = Path(self.stages["synthesize"]["labelling"]["labeled"])
         synthetic: list = []
         if labeled.stat().st_size:
-            annotated = self.annotate(labeled, self.root / "synthetic_annotate")
-            synthetic = read_dataset(annotated, format="jsonl")
-            label_map_path = self.root / "merge" / "label_map.json"
-            if self.config.merge_labels and label_map_path.exists():
-                synthetic = apply_label_map(synthetic, LabelMap.load(label_map_path))
+            synthetic = self.extension_labeled(labeled, self.root / "synthetic_annotate")
         synthetic = [replace(s, synthetic=True) for s in synthetic]
         out = self.root / "train_fs_data.jsonl"
         write_dataset(read_dataset(fused, format="jsonl") + synthetic, out)
         self.stages["synthetic_sentences"] = len(synthetic)
         return out
+
+    def extension_labeled(self, source: Path, out: Path) -> list[Sentence]:
+        """Sentences beyond the training subset (synthetic or pseudo-labelled) with their
+        extension labels from the cell's annotation, renamed by F's label map so that they
+        share F's merged labels."""
+        annotated = read_dataset(self.annotate(source, out), format="jsonl")
+        label_map_path = self.root / "merge" / "label_map.json"
+        if self.config.merge_labels and label_map_path.exists():
+            annotated = apply_label_map(annotated, LabelMap.load(label_map_path))
+        return annotated
 
     def pseudo_labeled(self, model_dir: Path, stage: UnlabeledStage, predict_tag: str,
                        pseudo_tag: str) -> list[Sentence]:
@@ -453,10 +459,7 @@ class Cell:
             return []
         chosen = self.root / f"pseudo{pseudo_tag}.jsonl"
         write_dataset(selection.samples, chosen)
-        annotated = read_dataset(self.annotate(chosen, self.root / f"pseudo_annotate{pseudo_tag}"), format="jsonl")
-        label_map_path = self.root / "merge" / "label_map.json"
-        if self.config.merge_labels and label_map_path.exists():
-            annotated = apply_label_map(annotated, LabelMap.load(label_map_path))
+        annotated = self.extension_labeled(chosen, self.root / f"pseudo_annotate{pseudo_tag}")
         # jobs.annotate writes the records it read; the flag is set again so that it holds
         # whatever the annotation keeps.
         return [replace(s, pseudo_labeled=True, synthetic=False) for s in annotated]

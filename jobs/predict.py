@@ -36,7 +36,7 @@ from .rowjob import (
     JobPaths, OutputFormat, PoolConfig, actor_restarts, check_or_start, count_done, map_rows_with_actors,
 )
 from knowfree_core import commandline
-from knowfree_core.annotation import prepare_input, read_output_rows
+from knowfree_core.annotation import collect_rows, prepare_input
 from knowfree_core.bounds import COUNT, check_bounds
 from knowfree_core.config import load_structured
 from knowfree_core.errors import ConfigError
@@ -176,13 +176,8 @@ def _collect(paths: JobPaths, output_format: OutputFormat) -> tuple[list[dict[st
     """Write the rows in input order, each once, to ``paths.result``; return them and the
     number of duplicate rows dropped (0 when every row was written exactly once)."""
     columns = prediction_schema(collected=True).names
-    written = read_output_rows(paths.rows)
-    seen: set[str] = set()
-    unique = []
-    for row in written:
-        if row["id"] not in seen:
-            seen.add(row["id"])
-            unique.append({key: row[key] for key in columns})
+    collected = collect_rows(paths.rows)
+    unique = [{key: row[key] for key in columns} for row in collected.rows]
     if output_format == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -192,7 +187,7 @@ def _collect(paths: JobPaths, output_format: OutputFormat) -> tuple[list[dict[st
         with open(paths.result, "w", encoding="utf-8") as handle:
             for row in unique:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return unique, len(written) - len(unique)
+    return unique, collected.duplicates
 
 
 def run_prediction(config: PredictJobConfig) -> dict[str, Any]:

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Optional
 
 from .bounds import COUNT, NON_NEGATIVE, PROBABILITY, check_bounds
-from .records import Sentence, Span
+from .records import Sentence
 
 
 @dataclass
@@ -105,10 +105,7 @@ def select_pseudo_labeled(rows: Iterable[dict[str, Any]], rule: PseudoLabelRule,
 def _sentence(row: dict[str, Any]) -> Sentence:
     """A prediction row as a pseudo-labelled sample (its spans the predicted ones). Its id gets
     ``#pseudo`` (as synthetic ones get ``#syn``): a pool's ids may repeat the gold file's."""
-    joiner = row.get("joiner", "")
-    units = [str(u) for u in row["units"]] if "units" in row else (
-        list(row["text"]) if joiner == "" else str(row["text"]).split(joiner))
-    spans = [Span(int(s["start"]), int(s["end"]), str(s["label"])) for s in row.get("spans", [])]
-    sentence = Sentence(id=f"{row['id']}#pseudo", units=units, spans=spans, pseudo_labeled=True, joiner=joiner)
+    sentence = Sentence.from_dict(row)
+    sentence = replace(sentence, id=f"{sentence.id}#pseudo", extension_spans=[], pseudo_labeled=True)
     sentence.validate()
     return sentence
