@@ -471,6 +471,8 @@ class Cell:
             input=list(stage.input), format=stage.format, read_options=dict(stage.read_options),
             joiner=stage.joiner, model=str(model_dir), output_dir=str(out), pool=copy.deepcopy(stage.pool),
             ray=self.config.ray,
+            # Partial annotation needs the doubtful spans too: the pool is labelled down to them.
+            threshold=stage.rule.doubt_score,
         )
         summary = run_prediction(config)
         self.stages[out.name] = summary
@@ -488,7 +490,9 @@ class Cell:
         cell = self.config.unlabeled
         stage = stage or cell
         pool_fields = ("input", "format", "read_options", "joiner")
-        own_pool = any(getattr(stage, name) != getattr(cell, name) for name in pool_fields)
+        # Another pool, or the same pool labelled down to another score, gets its own predictions.
+        own_pool = (any(getattr(stage, name) != getattr(cell, name) for name in pool_fields)
+                    or stage.rule.doubt_score != cell.rule.doubt_score)
         own_rule = own_pool or stage.rule != cell.rule or stage.exclude_training_sentences != cell.exclude_training_sentences
         variant_tag = train_dir(variant)[len("train"):]  # "_fu", "_fsu", "_fu_msra"
         model_dir = self.root / TRAIN_DIRS["F"] / "model"

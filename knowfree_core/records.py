@@ -52,6 +52,11 @@ class Sentence:
     #: Labelled by a trained model, not a person (self-training, variant FU): its spans are
     #: the model's confident predictions, and its loss is weighted by ``model.beta_unlabeled``.
     pseudo_labeled: bool = False
+    #: Spans whose label nobody vouches for (self-training: the labelling model scored them
+    #: under the pseudo-label threshold τ but above ``rule.doubt_score``). The loss leaves
+    #: their cells out of the target columns: neither "entity" nor "not an entity" is taught
+    #: there (partial annotation). Never used at inference.
+    uncertain_spans: list[Span] = field(default_factory=list)
     joiner: str = ""  # "" for character-level languages, " " for token-level ones
 
     @property
@@ -72,7 +77,7 @@ class Sentence:
     def validate(self) -> None:
         """Raise ValueError when a span lies outside the sentence or is empty."""
         n = len(self.units)
-        for span in [*self.spans, *self.extension_spans]:
+        for span in [*self.spans, *self.extension_spans, *self.uncertain_spans]:
             if not (0 <= span.start < span.end <= n):
                 raise ValueError(
                     f"sentence {self.id!r}: span {span} outside 0..{n} or empty"
@@ -88,6 +93,8 @@ class Sentence:
         }
         if self.pseudo_labeled:  # written only when set: gold and synthetic files stay as they were
             record["pseudo_labeled"] = True
+        if self.uncertain_spans:
+            record["uncertain_spans"] = [s.to_dict() for s in self.uncertain_spans]
         # Units are only needed when the text cannot be split back unambiguously.
         if self.joiner not in ("",) or any(len(u) != 1 for u in self.units):
             record["units"] = list(self.units)
@@ -112,5 +119,7 @@ class Sentence:
             ],
             synthetic=bool(record.get("synthetic", False)),
             pseudo_labeled=bool(record.get("pseudo_labeled", False)),
+            uncertain_spans=[Span(int(s["start"]), int(s["end"]), str(s["label"]))
+                             for s in record.get("uncertain_spans", [])],
             joiner=joiner,
         )

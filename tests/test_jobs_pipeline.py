@@ -309,8 +309,12 @@ def test_variant_fu_self_trains_on_an_unlabelled_pool_in_two_rounds(ray_cluster,
         # a custom self-training variant: the same pool (its predictions are shared), another
         # rule (its own pseudo file) and weight, one round
         "custom_variants": {"FU-half": {"self_training": True, "train_overrides": ["model.beta_unlabeled=0.5"],
-                                        "unlabeled": {"rounds": 1, "rule": {"min_score": 0.0, "empty_ratio": 0.0}}}},
-        "grid": {"variants": ["FU", "FU-half"]},
+                                        "unlabeled": {"rounds": 1, "rule": {"min_score": 0.0, "empty_ratio": 0.0}}},
+                           # partial annotation: the pool labelled again down to the doubt score
+                           "FU-partial": {"self_training": True,
+                                          "unlabeled": {"rounds": 1, "rule": {"min_score": 0.3, "doubt_score": 0.001,
+                                                                              "empty_ratio": 1.0}}}},
+        "grid": {"variants": ["FU", "FU-half", "FU-partial"]},
     }
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(pipeline, allow_unicode=True), encoding="utf-8")
     summary = run_pipeline(load_structured(PipelineConfig, str(tmp_path / "pipeline.yaml"), []))
@@ -346,6 +350,14 @@ def test_variant_fu_self_trains_on_an_unlabelled_pool_in_two_rounds(ray_cluster,
     half_config = yaml.safe_load((run / "train_fu_half" / "config.yaml").read_text(encoding="utf-8"))
     assert half_config["model"]["beta_unlabeled"] == 0.5
     assert not (run / "train_fu_half_r2").exists()
+    # FU-partial: its own predictions (a lower threshold), doubtful spans kept as uncertain_spans
+    # through annotation into the training file, and never as targets
+    partial_predictions = json.loads((run / "predict_unlabeled_fu_partial" / "summary.json").read_text(encoding="utf-8"))
+    assert partial_predictions["settings"]["threshold"] == 0.001
+    partial = [s for s in read_dataset(run / "train_fu_partial" / "train_data.jsonl") if s.pseudo_labeled]
+    assert partial and any(s.uncertain_spans for s in partial)
+    assert all(not set(s.uncertain_spans) & set(s.spans) for s in partial)
+    assert cell["stages"]["pseudo_fu_partial"]["uncertain_spans"] > 0
 
     again = run_pipeline(load_structured(PipelineConfig, str(tmp_path / "pipeline.yaml"), []))
     assert again["cells"][""]["FU"]["test"] == summary["cells"][""]["FU"]["test"]

@@ -243,6 +243,39 @@ def test_beta_scales_only_synthetic_samples():
     assert torch.allclose(unflagged, span_bce_loss(logits, targets, cells))
 
 
+def test_unknown_cells_leave_only_their_target_columns_out_of_the_loss():
+    """Partial annotation: a pseudo sample's doubtful cell teaches neither "entity" nor "no
+    entity" for the targets (zero loss and gradient there), while its extension columns and
+    every other cell count as before."""
+    logits, targets, cells = _loss_batch()
+    unknown = torch.zeros_like(cells)
+    unknown[0, 0, 1] = True
+    assert cells[0, 0, 1]
+    x = logits.clone().requires_grad_(True)
+    loss = span_bce_loss(x, targets, cells, unknown_cells=unknown, num_target_labels=2)
+    loss.backward()
+    assert (x.grad[0, 0, 1, :2] == 0).all() and (x.grad[0, 0, 1, 2:] != 0).all()
+    kept = cells[..., None].expand_as(logits).clone()
+    kept[0, 0, 1, :2] = False
+    p = torch.sigmoid(logits)
+    manual = -(targets * torch.log(p) + (1 - targets) * torch.log(1 - p))
+    assert torch.allclose(loss, (manual * kept).sum() / 3, atol=1e-5)
+    assert torch.allclose(span_bce_loss(logits, targets, cells, unknown_cells=torch.zeros_like(cells),
+                                        num_target_labels=2), span_bce_loss(logits, targets, cells))
+    with pytest.raises(ValueError, match="num_target_labels"):
+        span_bce_loss(logits, targets, cells, unknown_cells=unknown)
+
+
+def test_uncertain_spans_become_unknown_cells_of_their_sample_only():
+    from knowfree_core.model.targets import uncertain_cells
+
+    plain = Sentence("a", list("张三来了"), [Span(0, 2, "PER")])
+    doubtful = Sentence("b", list("李四走了"), uncertain_spans=[Span(0, 2, "PER"), Span(3, 9, "PER")])
+    assert uncertain_cells([plain, plain], 4) is None  # ordinary batches pay nothing
+    cells = uncertain_cells([plain, doubtful], 4)
+    assert cells.shape == (2, 4, 4) and cells.sum() == 1 and cells[1, 0, 1]  # the span past the grid is skipped
+
+
 # ---------------------------------------------------------------- learning
 
 

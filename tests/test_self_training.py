@@ -68,3 +68,34 @@ def test_rule_ranges_are_checked():
 def test_a_span_outside_its_sentence_is_refused():
     with pytest.raises(ValueError, match="outside"):
         select_pseudo_labeled([row(0, "短", 0.99, 0.99)], PseudoLabelRule())
+
+
+def test_partial_rule_keeps_doubtful_sentences_with_their_doubtful_spans_left_out():
+    """With doubt_score, a doubtful span no longer drops its sentence: spans >= tau are the
+    labels, spans in [doubt_score, tau) become uncertain_spans (left out of the loss), spans
+    under doubt_score are taught as "no entity", and a sentence without a span >= tau is empty."""
+    rows = [*ROWS, row(7, "钱七到了", 0.02)]  # under the doubt score: an ordinary empty sentence
+    rule = PseudoLabelRule(min_score=0.9, empty_ratio=5.0, doubt_score=0.1, seed=1)
+    selection = select_pseudo_labeled(rows, rule)
+    by_id = {s.id.removesuffix("#pseudo"): s for s in selection.samples}
+    assert "dropped_uncertain" not in selection.counts
+    assert selection.counts["confident"] == 3  # u:0, u:1 (one sure span), u:3
+    kept_doubtful = by_id["u:1"]
+    assert [(s.start, s.label) for s in kept_doubtful.spans] == [(0, "PER")]
+    assert [(s.start, s.end) for s in kept_doubtful.uncertain_spans] == [(1, 2)]
+    only_doubtful = by_id["u:6"]  # counted as empty, its doubtful span left out
+    assert not only_doubtful.spans and [(s.start, s.end) for s in only_doubtful.uncertain_spans] == [(0, 1)]
+    assert not by_id["u:7"].spans and not by_id["u:7"].uncertain_spans
+    assert selection.counts["uncertain_spans"] == 2
+    # the uncertain spans survive the file round trip the pipeline makes
+    from knowfree_core.records import Sentence
+    again = Sentence.from_dict(kept_doubtful.to_dict())
+    assert again.uncertain_spans == kept_doubtful.uncertain_spans and again.pseudo_labeled
+    assert "uncertain_spans" not in by_id["u:0"].to_dict()  # written only when there are some
+
+
+def test_doubt_score_must_lie_below_tau():
+    with pytest.raises(ConfigError, match="doubt_score"):
+        PseudoLabelRule(min_score=0.8, doubt_score=0.8)
+    with pytest.raises(ConfigError, match="doubt_score"):
+        PseudoLabelRule(doubt_score=-0.1)

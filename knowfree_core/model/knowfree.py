@@ -30,7 +30,7 @@ from ..records import Sentence, Span
 from ..state_files import load_safetensors, read_json_object, refuse_unknown_keys
 from .head import KnowFreeHead, span_grid_mask
 from .loss import extension_label_weights, extension_weight_factor, label_weight_vector, span_bce_loss
-from .targets import build_span_targets
+from .targets import build_span_targets, uncertain_cells
 
 FORMAT_VERSION = 1
 
@@ -154,7 +154,9 @@ class KnowFreeModel(nn.Module):
         weight_of = {"gold": 1.0, "synthetic": self.config.beta, "pseudo": self.config.beta_unlabeled}
         sample_weights = torch.tensor([weight_of[s.sample_kind] for s in batch], device=logits.device)
         cell_mask = span_grid_mask(mask, self.config.max_span_length)
-        return span_bce_loss(logits, targets, cell_mask, self.current_label_weights(), sample_weights)
+        return span_bce_loss(logits, targets, cell_mask, self.current_label_weights(), sample_weights,
+                             unknown_cells=uncertain_cells(batch, logits.shape[1], device=logits.device),
+                             num_target_labels=self.vocab.num_targets)
 
     def current_label_weights(self) -> torch.Tensor:
         """The loss's column weights now: targets 1, extension labels α_i times the schedule's

@@ -18,6 +18,10 @@ Choices, and why:
   ``normalize="cell"`` divides the same weighted sum by the number of valid cells instead.
 * **Synthetic samples** get weight β, real ones 1: summed over a batch this is eq. 14's
   ``L + β·L_syn`` with both terms on the same per-sample scale.
+* **Partial annotation.** ``unknown_cells`` marks cells whose target label nobody vouches for
+  (a pseudo-labelled sentence's doubtful spans): their target columns are left out of the sum,
+  as padding is, so the model is taught neither "entity" nor "no entity" there; their
+  extension columns (another annotator's labels) still count.
 """
 
 from __future__ import annotations
@@ -164,6 +168,8 @@ def span_bce_loss(
     synthetic: Tensor | Sequence[bool] | None = None,
     beta: float = 1.0,
     normalize: Literal["sample", "cell"] = "sample",
+    unknown_cells: Tensor | None = None,
+    num_target_labels: int | None = None,
 ) -> Tensor:
     """Weighted BCE-with-logits over the valid span cells (see the module docstring).
 
@@ -176,6 +182,8 @@ def span_bce_loss(
         synthetic, beta: the alternative to ``sample_weights``: ``(B,)`` flags, synthetic
             samples weighted by ``beta``.
         normalize: ``"sample"`` (sum over cells, mean over samples) or ``"cell"``.
+        unknown_cells: ``(B, L, L)`` bool, True where the first ``num_target_labels`` columns
+            (the targets) are left out of the loss (partial annotation).
     """
     if logits.shape != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ")
@@ -190,6 +198,13 @@ def span_bce_loss(
     if label_weights is not None:
         per_entry = per_entry * label_weights.to(device=logits.device, dtype=logits.dtype)
     per_entry = per_entry.masked_fill(~valid, 0.0)
+    if unknown_cells is not None:
+        if num_target_labels is None:
+            raise ValueError("unknown_cells needs num_target_labels: which columns are the targets")
+        if unknown_cells.shape != logits.shape[:3]:
+            raise ValueError(f"unknown_cells {tuple(unknown_cells.shape)} must be {tuple(logits.shape[:3])}")
+        columns = torch.arange(logits.shape[-1], device=logits.device) < num_target_labels
+        per_entry = per_entry.masked_fill(unknown_cells.bool().unsqueeze(-1) & columns, 0.0)
     per_sample = per_entry.flatten(1).sum(1)  # (B,)
     if synthetic is not None:
         if sample_weights is not None:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from knowfree_core.errors import UnknownLabelError
 
-__all__ = ["LabelLookup", "SpanTargets", "build_span_targets"]
+__all__ = ["LabelLookup", "SpanTargets", "build_span_targets", "uncertain_cells"]
 
 
 class _SpanLike(Protocol):
@@ -151,3 +151,24 @@ def build_span_targets(
     if device is not None:
         result.targets = result.targets.to(device)
     return result
+
+
+def uncertain_cells(
+    samples: Sequence[object],
+    seq_len: int,
+    *,
+    device: torch.device | str | None = None,
+) -> Tensor | None:
+    """``(B, seq_len, seq_len)`` bool, True at cell ``(start, end - 1)`` of every span in a
+    sample's ``uncertain_spans`` (partial annotation, see ``records.Sentence``); None when no
+    sample of the batch has any, so ordinary batches pay nothing. Spans that do not fit the
+    (possibly truncated) grid are skipped: a left-out cell needs no count."""
+    spans = [getattr(sample, "uncertain_spans", None) or [] for sample in samples]
+    if not any(spans):
+        return None
+    cells = torch.zeros(len(samples), seq_len, seq_len, dtype=torch.bool)
+    for index, sample_spans in enumerate(spans):
+        for span in sample_spans:
+            if 0 <= span.start < span.end <= seq_len:
+                cells[index, span.start, span.end - 1] = True
+    return cells.to(device) if device is not None else cells
