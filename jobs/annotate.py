@@ -114,6 +114,10 @@ class AnnotateJobConfig(AnnotateSettings):
     ray: RayConfig = field(default_factory=RayConfig)
 
 
+def load_job_config(path: str | None, overrides: list[str]) -> AnnotateJobConfig:
+    return load_structured(AnnotateJobConfig, path, overrides)
+
+
 def annotator_names(config: AnnotateJobConfig) -> list[str]:
     """The annotators the job runs, in order: ``annotators``, or else ``annotator``."""
     names = list(config.annotators) or [config.annotator]
@@ -278,13 +282,8 @@ def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
     return result
 
 
-def load_job_config(path: str | None, overrides: list[str]) -> AnnotateJobConfig:
-    return load_structured(AnnotateJobConfig, path, overrides)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m jobs.annotate`` (its options: jobs/cli.py); a user error is raised."""
-    return ANNOTATE.run(argv)
+#: ``python -m jobs.annotate`` in this process (its options: jobs/cli.py); a user error is raised.
+main = ANNOTATE.run
 
 
 if __name__ == "__main__":

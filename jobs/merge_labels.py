@@ -172,9 +172,8 @@ def run_merge(config: MergeJobConfig) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m jobs.merge_labels`` (its options: jobs/cli.py); a user error is raised."""
-    return MERGE_LABELS.run(argv)
+#: ``python -m jobs.merge_labels`` in this process (its options: jobs/cli.py); a user error is raised.
+main = MERGE_LABELS.run
 
 
 if __name__ == "__main__":

@@ -85,6 +85,10 @@ class PredictJobConfig(PredictSettings):
         check_bounds("", self, {"batch_size": COUNT})
 
 
+def load_job_config(path: str | None, overrides: list[str]) -> PredictJobConfig:
+    return load_structured(PredictJobConfig, path, overrides)
+
+
 def prediction_schema(collected: bool = False) -> Any:
     """The Arrow schema of the rows (``order`` and the actor's ``seconds`` only in ``rows/``,
     not in the collected file). Built on call so that importing the job needs no pyarrow."""
@@ -266,13 +270,8 @@ def _print(summary: dict[str, Any]) -> None:
     print(f"predictions: {summary['predictions']}")
 
 
-def load_job_config(path: str | None, overrides: list[str]) -> PredictJobConfig:
-    return load_structured(PredictJobConfig, path, overrides)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m jobs.predict`` (its options: jobs/cli.py); a user error is raised."""
-    return PREDICT.run(argv)
+#: ``python -m jobs.predict`` in this process (its options: jobs/cli.py); a user error is raised.
+main = PREDICT.run
 
 
 if __name__ == "__main__":

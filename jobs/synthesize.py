@@ -87,6 +87,10 @@ class SynthesizeJobConfig:
         check_bounds("", self, {"max_error_rate": PROBABILITY})
 
 
+def load_job_config(path: str | None, overrides: list[str]) -> SynthesizeJobConfig:
+    return load_structured(SynthesizeJobConfig, path, overrides)
+
+
 class SynthesizeActor:
     """One pool member: one LLM engine, answering batches of source rows."""
 
@@ -228,13 +232,8 @@ def run_synthesis(config: SynthesizeJobConfig) -> dict[str, Any]:
     return result
 
 
-def load_job_config(path: str | None, overrides: list[str]) -> SynthesizeJobConfig:
-    return load_structured(SynthesizeJobConfig, path, overrides)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m jobs.synthesize`` (its options: jobs/cli.py); a user error is raised."""
-    return SYNTHESIZE.run(argv)
+#: ``python -m jobs.synthesize`` in this process (its options: jobs/cli.py); a user error is raised.
+main = SYNTHESIZE.run
 
 
 if __name__ == "__main__":
