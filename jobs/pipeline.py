@@ -679,9 +679,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m jobs.pipeline`` (its options: jobs/cli.py); a user error is raised."""
-    return PIPELINE.run(argv)
+#: ``python -m jobs.pipeline`` in this process (its options: jobs/cli.py); a user error is raised.
+main = PIPELINE.run
 
 
 if __name__ == "__main__":
