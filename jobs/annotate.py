@@ -18,7 +18,6 @@ A rerun with different settings or input is refused unless ``restart=true``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -28,7 +27,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence
 from omegaconf import MISSING
 
 from .cli import ANNOTATE
-from .common import RayConfig
+from .common import RayConfig, write_summary
 from .rowjob import (
     JobPaths, OutputFormat, PoolConfig, actor_restarts, check_or_start, count_done, map_rows_with_actors,
     row_schema,
@@ -273,7 +272,7 @@ def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
         "steps_by_annotator": {spec.name: list(spec.steps) for spec in specs},
         "annotated": str(paths.result),
     }
-    paths.summary.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
+    write_summary(paths.summary, result)
     print(summary.table())
     if restarts["actor_restarts"]:
         print(f"actor restarts       {restarts['actor_restarts']} (their batches were retried)")

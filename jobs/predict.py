@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
 
 from .cli import PREDICT
-from .common import RayConfig
+from .common import RayConfig, write_summary
 from .fault_injection import exit_on_id, exit_once_on
 from .rowjob import (
     JobPaths, OutputFormat, PoolConfig, actor_restarts, check_or_start, count_done, map_rows_with_actors,
@@ -250,7 +250,7 @@ def run_prediction(config: PredictJobConfig) -> dict[str, Any]:
         "settings": asdict(_settings(config)),
         "predictions": str(paths.result),
     }
-    paths.summary.write_text(json.dumps(summary, ensure_ascii=False, indent=1), encoding="utf-8")
+    write_summary(paths.summary, summary)
     _print(summary)
     return summary
 
