@@ -18,7 +18,6 @@ A rerun with different settings or input is refused unless ``restart=true``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -28,7 +27,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence
 from omegaconf import MISSING
 
 from .cli import ANNOTATE
-from .common import RayConfig
+from .common import RayConfig, write_summary
 from .rowjob import (
     JobPaths, OutputFormat, PoolConfig, actor_restarts, check_or_start, count_done, map_rows_with_actors,
     row_schema,
@@ -112,6 +111,10 @@ class AnnotateJobConfig(AnnotateSettings):
     input: List[str] = MISSING
     output_dir: str = MISSING
     ray: RayConfig = field(default_factory=RayConfig)
+
+
+def load_job_config(path: str | None, overrides: list[str]) -> AnnotateJobConfig:
+    return load_structured(AnnotateJobConfig, path, overrides)
 
 
 def annotator_names(config: AnnotateJobConfig) -> list[str]:
@@ -269,7 +272,7 @@ def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
         "steps_by_annotator": {spec.name: list(spec.steps) for spec in specs},
         "annotated": str(paths.result),
     }
-    paths.summary.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
+    write_summary(paths.summary, result)
     print(summary.table())
     if restarts["actor_restarts"]:
         print(f"actor restarts       {restarts['actor_restarts']} (their batches were retried)")
@@ -278,13 +281,8 @@ def run_annotation(config: AnnotateJobConfig) -> dict[str, Any]:
     return result
 
 
-def load_job_config(path: str | None, overrides: list[str]) -> AnnotateJobConfig:
-    return load_structured(AnnotateJobConfig, path, overrides)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m jobs.annotate`` (its options: jobs/cli.py); a user error is raised."""
-    return ANNOTATE.run(argv)
+#: ``python -m jobs.annotate`` in this process (its options: jobs/cli.py); a user error is raised.
+main = ANNOTATE.run
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
-"""What every job shares: connecting to Ray, quietly unless the output is verbose.
+"""What every job shares: connecting to Ray, quietly unless the output is verbose, and writing
+its summary.json.
 
 (The jobs' command lines are in ``jobs/cli.py``.)
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from knowfree_core.bounds import COUNT, check_bounds
@@ -200,3 +203,10 @@ def _quiet_ray_data(output: OutputSettings) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     # Turning the bars off logs a warning that says how to turn them on again: --verbose does.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    """A job's summary as ``path`` (its summary.json): UTF-8 JSON, one space of indent, Chinese
+    labels as they are. It is written when the job's work is done, so a value JSON has no type
+    for (a path, a date) is written as its ``str`` rather than failing the finished run."""
+    path.write_text(json.dumps(summary, ensure_ascii=False, indent=1, default=str), encoding="utf-8")

@@ -25,7 +25,7 @@ from omegaconf import MISSING
 from .actor_pool import ActorPool, map_with_actor_pool
 from .annotate import LLMSettings
 from .cli import MERGE_LABELS
-from .common import RayConfig, init_ray
+from .common import RayConfig, init_ray, write_summary
 from knowfree_core import commandline
 from knowfree_core.bounds import COUNT, NON_NEGATIVE, check_bounds
 from knowfree_core.config import load_structured
@@ -164,7 +164,7 @@ def run_merge(config: MergeJobConfig) -> dict:
         "label_map": str(out / "label_map.json"),
         "merged": str(out / "merged.jsonl"),
     }
-    (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1), encoding="utf-8")
+    write_summary(out / "summary.json", summary)
     print(f"entity labels: {len(before)} -> {len(after)}")
     for new, old in sorted(summary["merged_groups"].items()):
         print(f"  {new} <- {', '.join(old)}")
@@ -172,9 +172,8 @@ def run_merge(config: MergeJobConfig) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m jobs.merge_labels`` (its options: jobs/cli.py); a user error is raised."""
-    return MERGE_LABELS.run(argv)
+#: ``python -m jobs.merge_labels`` in this process (its options: jobs/cli.py); a user error is raised.
+main = MERGE_LABELS.run
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ from omegaconf import MISSING
 
 from .annotate import AnnotateJobConfig, AnnotateSettings, run_annotation
 from .cli import PIPELINE
-from .common import RayConfig, init_ray
+from .common import RayConfig, init_ray, write_summary
 from .merge_labels import MergeJobConfig, MergeSettings, run_merge
 from .predict import PredictJobConfig, run_prediction
 from .rowjob import PoolConfig
@@ -676,16 +676,15 @@ def run_pipeline(config: PipelineConfig) -> dict:
     note = f"\nsynthesis engine: {engine.kind} {engine.model}" if "FS" in variants else ""
     summary = {"variants": variants, "output_dir": str(out), "cells": results,
                "synthesis_engine": asdict(engine) if "FS" in variants else None}
-    (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1, default=str), encoding="utf-8")
+    write_summary(out / "summary.json", summary)
     (out / "summary.md").write_text(table + "\n" + note.lstrip("\n") + "\n", encoding="utf-8")
     print(table + note)
     print(f"run folder: {out}")
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m jobs.pipeline`` (its options: jobs/cli.py); a user error is raised."""
-    return PIPELINE.run(argv)
+#: ``python -m jobs.pipeline`` in this process (its options: jobs/cli.py); a user error is raised.
+main = PIPELINE.run
 
 
 if __name__ == "__main__":

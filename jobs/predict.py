@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
 
 from .cli import PREDICT
-from .common import RayConfig
+from .common import RayConfig, write_summary
 from .fault_injection import exit_on_id, exit_once_on
 from .rowjob import (
     JobPaths, OutputFormat, PoolConfig, actor_restarts, check_or_start, count_done, map_rows_with_actors,
@@ -83,6 +83,10 @@ class PredictJobConfig(PredictSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_bounds("", self, {"batch_size": COUNT})
+
+
+def load_job_config(path: str | None, overrides: list[str]) -> PredictJobConfig:
+    return load_structured(PredictJobConfig, path, overrides)
 
 
 def prediction_schema(collected: bool = False) -> Any:
@@ -246,7 +250,7 @@ def run_prediction(config: PredictJobConfig) -> dict[str, Any]:
         "settings": asdict(_settings(config)),
         "predictions": str(paths.result),
     }
-    paths.summary.write_text(json.dumps(summary, ensure_ascii=False, indent=1), encoding="utf-8")
+    write_summary(paths.summary, summary)
     _print(summary)
     return summary
 
@@ -266,13 +270,8 @@ def _print(summary: dict[str, Any]) -> None:
     print(f"predictions: {summary['predictions']}")
 
 
-def load_job_config(path: str | None, overrides: list[str]) -> PredictJobConfig:
-    return load_structured(PredictJobConfig, path, overrides)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m jobs.predict`` (its options: jobs/cli.py); a user error is raised."""
-    return PREDICT.run(argv)
+#: ``python -m jobs.predict`` in this process (its options: jobs/cli.py); a user error is raised.
+main = PREDICT.run
 
 
 if __name__ == "__main__":

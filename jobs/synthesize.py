@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
 
 from .cli import SYNTHESIZE
-from .common import RayConfig
+from .common import RayConfig, write_summary
 from .rowjob import (
     JobPaths, OutputFormat, PoolConfig, actor_restarts, check_or_start, count_done, map_rows_with_actors,
     row_schema,
@@ -85,6 +85,10 @@ class SynthesizeJobConfig:
 
     def __post_init__(self) -> None:
         check_bounds("", self, {"max_error_rate": PROBABILITY})
+
+
+def load_job_config(path: str | None, overrides: list[str]) -> SynthesizeJobConfig:
+    return load_structured(SynthesizeJobConfig, path, overrides)
 
 
 class SynthesizeActor:
@@ -167,7 +171,7 @@ def _label(config: SynthesizeJobConfig, synthetic_path: Path, root: Path) -> dic
         raise RuntimeError(f"{summary.sentences} of {prepared.sentences} synthetic sentences were labelled; rerun")
     spans = sum(len(json.loads(line)["spans"]) for line in paths.result.read_text(encoding="utf-8").splitlines())
     result = {"sentences": summary.sentences, "target_spans": spans, "model": model_dir, "labeled": str(paths.result)}
-    paths.summary.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
+    write_summary(paths.summary, result)
     return result
 
 
@@ -217,24 +221,19 @@ def run_synthesis(config: SynthesizeJobConfig) -> dict[str, Any]:
     print(summary.table())
     if summary.engine_failed_rows:
         # Before labelling: a run over the rate stops here, and labelling waits for the rerun.
-        paths.summary.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
+        write_summary(paths.summary, result)
         check_error_rate(paths.failed_list, summary.sources, config.max_error_rate, "source sentences")
     if config.label_with:
         result["labelling"] = _label(config, paths.result, paths.root)
         print(f"labelled {result['labelling']['sentences']} synthetic sentences "
               f"({result['labelling']['target_spans']} target spans): {result['labelling']['labeled']}")
-    paths.summary.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
+    write_summary(paths.summary, result)
     print(f"synthetic sentences: {paths.result}")
     return result
 
 
-def load_job_config(path: str | None, overrides: list[str]) -> SynthesizeJobConfig:
-    return load_structured(SynthesizeJobConfig, path, overrides)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m jobs.synthesize`` (its options: jobs/cli.py); a user error is raised."""
-    return SYNTHESIZE.run(argv)
+#: ``python -m jobs.synthesize`` in this process (its options: jobs/cli.py); a user error is raised.
+main = SYNTHESIZE.run
 
 
 if __name__ == "__main__":

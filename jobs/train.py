@@ -286,9 +286,8 @@ def _fail_once_if_asked(fail_after_epoch: Optional[int], run_dir: str, rank: int
 
 
 # ---------------------------------------------------------------------------- command line
-def main(argv: list[str] | None = None) -> int:
-    """``python -m jobs.train`` (its options: jobs/cli.py); a user error is raised."""
-    return TRAIN.run(argv)
+#: ``python -m jobs.train`` in this process (its options: jobs/cli.py); a user error is raised.
+main = TRAIN.run
 
 
 if __name__ == "__main__":

@@ -90,6 +90,5 @@ __all__ = [
 ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m jobs.tune`` (its options: jobs/cli.py); a user error is raised."""
-    return TUNE.run(argv)
+#: ``python -m jobs.tune`` in this process (its options: jobs/cli.py); a user error is raised.
+main = TUNE.run
