@@ -48,6 +48,10 @@ def pseudo_label_counts(pseudo_file: Path, gold_by_text: dict) -> Counter:
     return counts
 
 
+def _share(counts: Counter, part: str, whole: str) -> str:
+    return f"{counts[part] / counts[whole]:.2f}" if counts[whole] else "–"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gold", required=True, help="the pool's labelled corpus")
@@ -57,10 +61,9 @@ def main() -> None:
     rows = []
     for path in args.pseudo:
         counts = pseudo_label_counts(Path(path), gold_by_text)
-        share = lambda part, whole: f"{counts[part] / counts[whole]:.2f}" if counts[whole] else "–"  # noqa: E731
-        values = {**counts, "precision": share("correct", "spans")}
+        values = {**counts, "precision": _share(counts, "correct", "spans")}
         for column in ("taught", "left out", "taught as none"):
-            values[column] = f"{counts[column]} ({share(column, 'gold spans')})"
+            values[column] = f"{counts[column]} ({_share(counts, column, 'gold spans')})"
         rows.append([path, *(values[c] for c in COLUMNS)])
     print(markdown_table(["pseudo file", *COLUMNS], rows, align="l" + "r" * len(COLUMNS)))
 

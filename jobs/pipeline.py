@@ -491,9 +491,9 @@ class Cell:
         stage = stage or cell
         pool_fields = ("input", "format", "read_options", "joiner")
         # Another pool, or the same pool labelled down to another score, gets its own predictions.
-        own_pool = (any(getattr(stage, name) != getattr(cell, name) for name in pool_fields)
-                    or stage.rule.doubt_score != cell.rule.doubt_score)
-        own_rule = own_pool or stage.rule != cell.rule or stage.exclude_training_sentences != cell.exclude_training_sentences
+        own_predictions = (any(getattr(stage, name) != getattr(cell, name) for name in pool_fields)
+                           or stage.rule.doubt_score != cell.rule.doubt_score)
+        own_rule = own_predictions or stage.rule != cell.rule or stage.exclude_training_sentences != cell.exclude_training_sentences
         variant_tag = train_dir(variant)[len("train"):]  # "_fu", "_fsu", "_fu_msra"
         model_dir = self.root / TRAIN_DIRS["F"] / "model"
         metrics: dict = {}
@@ -503,7 +503,7 @@ class Cell:
             later = round_number > 1
             pseudo = self.pseudo_labeled(
                 model_dir, stage,
-                predict_tag=variant_tag + round_tag if later or own_pool else "",
+                predict_tag=variant_tag + round_tag if later or own_predictions else "",
                 pseudo_tag=variant_tag + round_tag if later or own_rule else "",
             )
             name = variant + round_tag.replace("_r", "-r")  # FU, FU-r2 ...

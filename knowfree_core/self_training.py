@@ -18,9 +18,10 @@ pool is labelled down to that score, spans at or above τ are the labels, spans 
 ``doubt_score`` and τ become the sample's ``uncertain_spans`` (the loss leaves their cells out
 of the target columns), and everything under ``doubt_score`` is taught as "no entity". A
 sentence with no span at or above τ counts as empty (its doubtful spans left out the same
-way). Measured on Weibo: the plain rule's pseudo labels were precise (P 0.75-0.81) but
-incomplete (R 0.53-0.64), and a fifth of its empty sentences held an entity, so the retrained
-model learned to miss entities; left-out cells do not teach that (bench/RESULTS.md).
+way). Why it exists: the plain rule's pseudo labels on Weibo were precise (P 0.75-0.81) but
+incomplete (R 0.53-0.64), so the retrained model learned to miss entities. It did not help
+there (FU-partial - FU = -1.7, 3 of 3 seeds, bench/RESULTS.md): the model scores most entities
+it misses under 0.1, so the doubt band catches few of them. Off by default.
 
 The rule reads prediction rows (``{"id", "text", "spans": [{"start", "end", "label",
 "score"}], ...}``, what ``jobs.predict`` and ``knowfree predict`` write) and returns
@@ -91,7 +92,8 @@ def select_pseudo_labeled(rows: Iterable[dict[str, Any]], rule: PseudoLabelRule,
     counts = Counter()
     parsed: list[Sentence] = []
     for row in rows:
-        sentence = _sentence(row, rule)
+        scores = [float(span.get("score", 0.0)) for span in row.get("spans", [])]
+        sentence = _sentence(row, scores, rule)
         index = len(parsed)
         parsed.append(sentence)
         counts["predicted"] += 1
@@ -99,9 +101,9 @@ def select_pseudo_labeled(rows: Iterable[dict[str, Any]], rule: PseudoLabelRule,
             counts["excluded_gold"] += 1
         elif rule.doubt_score is not None:
             (confident if sentence.spans else empty).append(index)
-        elif not row.get("spans"):
+        elif not scores:
             empty.append(index)
-        elif all(float(span.get("score", 0.0)) >= rule.min_score for span in row["spans"]):
+        elif min(scores) >= rule.min_score:
             confident.append(index)
         else:
             counts["dropped_uncertain"] += 1
@@ -124,15 +126,14 @@ def select_pseudo_labeled(rows: Iterable[dict[str, Any]], rule: PseudoLabelRule,
     return PseudoLabelSelection(samples, dict(counts), dict(sorted(labels.items())))
 
 
-def _sentence(row: dict[str, Any], rule: PseudoLabelRule) -> Sentence:
+def _sentence(row: dict[str, Any], scores: list[float], rule: PseudoLabelRule) -> Sentence:
     """A prediction row as a pseudo-labelled sample: its spans the predicted ones (with
     ``doubt_score``, those at or above τ, the doubtful ones its ``uncertain_spans``; spans
-    under ``doubt_score`` are dropped). Its id gets ``#pseudo`` (as synthetic ones get
-    ``#syn``): a pool's ids may repeat the gold file's."""
+    under ``doubt_score`` are dropped). ``scores``: the row's span scores, in order. Its id
+    gets ``#pseudo`` (as synthetic ones get ``#syn``): a pool's ids may repeat the gold file's."""
     sentence = Sentence.from_dict(row)
     sentence = replace(sentence, id=f"{sentence.id}#pseudo", extension_spans=[], pseudo_labeled=True)
     if rule.doubt_score is not None:
-        scores = [float(span.get("score", 0.0)) for span in row.get("spans", [])]
         sentence = replace(
             sentence,
             spans=[span for span, score in zip(sentence.spans, scores) if score >= rule.min_score],
