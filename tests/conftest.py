@@ -23,15 +23,19 @@ def llm_stub() -> Iterator[StubLLMServer]:
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for every job test: starting one costs seconds and every
-    worker pays the torch/knowfree imports again. Tests' own helper modules (tests/) are
-    put on the workers' path."""
+    worker pays the torch/knowfree imports again.
+
+    The tests' own helper modules (tests/, e.g. ``job_annotators``) go on PYTHONPATH of the
+    cluster's processes themselves, not only of this driver's job: a job test that runs
+    ``python -m jobs.X`` as its own driver against this cluster gets workers from the raylet's
+    environment, and Ray passes a driver's working directory to them, never its PYTHONPATH.
+    """
     import os
     from pathlib import Path
 
     ray = pytest.importorskip("ray")
     tests_dir = str(Path(__file__).resolve().parent)
     env = {
-        "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]),
         "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": "1",
@@ -40,8 +44,17 @@ def ray_cluster():
     # vLLM's CPU settings (KV cache size, thread binding) reach the engines built in actors.
     env.update({k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU_")})
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Logical CPU slots, not cores: the jobs' pipelines need a few at once (see jobs.common).
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2,
-             runtime_env={"env_vars": env}, log_to_driver=False)
+    # The raylet (and every worker it starts) inherits this process's environment at init.
+    outer_pythonpath = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (tests_dir, outer_pythonpath) if p)
+    try:
+        # Logical CPU slots, not cores: the jobs' pipelines need a few at once (see jobs.common).
+        ray.init(num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2,
+                 runtime_env={"env_vars": env}, log_to_driver=False)
+    finally:
+        if outer_pythonpath is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = outer_pythonpath
     yield ray
     ray.shutdown()

@@ -108,6 +108,9 @@ def test_killed_driver_resumes_without_redoing_written_rows(ray_cluster, tmp_pat
     # rows of a block caught between its two phases are deleted and written again
     assert summary["duplicates_dropped"] == 0
     assert 0 < summary["written_this_run"] < 150, "the rerun should skip the rows recorded before the kill"
+    # the killed run's rows were annotated too, not recorded as failures (its workers found
+    # the annotator's module)
+    assert summary["rejections_by_reason"] == {} and summary["spans_by_source"] == {"first:seg": 150}
 
 
 def test_llm_job_against_an_openai_compatible_server(ray_cluster, llm_stub, tmp_path):
