@@ -446,8 +446,6 @@ class Cell:
         rule keeps, with their extension labels (renamed by F's label map), flagged
         ``pseudo_labeled``. Folders: ``predict_unlabeled<predict_tag>/``,
         ``pseudo<pseudo_tag>.jsonl`` and ``pseudo_annotate<pseudo_tag>/``."""
-        if not stage.input:
-            raise ConfigError("variants FU and FSU need unlabeled.input: the unlabelled in-domain sentences")
         predictions = self.predict(model_dir, stage, self.root / f"predict_unlabeled{predict_tag}")
         gold = [s.text for s in read_dataset(self.subset(), format="jsonl")] if stage.exclude_training_sentences else []
         with open(predictions, encoding="utf-8") as handle:
@@ -532,7 +530,21 @@ class Cell:
 
     # -- the cell --------------------------------------------------------------------------
 
+    def check_pools(self, variants: List[str]) -> None:
+        """Each self-training variant's pool is named and there before any stage runs: found
+        missing only when the pool is labelled, it would stop the cell after F's training."""
+        stages = {v: self.config.unlabeled for v in ("FU", "FSU") if v in variants}
+        stages |= {v: spec.pool(self.config.unlabeled) for v, spec in self.config.custom_variants.items()
+                   if v in variants and spec.self_training}
+        for variant, stage in stages.items():
+            if not stage.input:
+                raise ConfigError(f"variant {variant} needs unlabeled.input: the unlabelled in-domain sentences")
+            missing = [item for item in stage.input if not Path(item).exists()]
+            if missing:
+                raise ConfigError(f"variant {variant}: unlabeled.input {', '.join(missing)} does not exist")
+
     def run(self, variants: List[str]) -> dict[str, dict]:
+        self.check_pools(variants)
         self.root.mkdir(parents=True, exist_ok=True)
         scores: dict[str, dict] = {}
         if {"F", "FS", "FU", "FSU"} & set(variants):

@@ -255,6 +255,26 @@ def test_custom_variants_train_f_or_the_plain_subset_with_their_overrides(tmp_pa
     assert long.data.train == str(tmp_path / "train_subset.jsonl")
 
 
+def test_a_missing_unlabelled_pool_is_refused_before_f_is_trained(tmp_path):
+    """A self-training variant whose pool is not there stops the cell at once, naming the
+    variant and the path -- not after F's training, when the pool is labelled."""
+    from jobs.pipeline import Cell
+    from knowfree_core.config import KnowFreeConfig
+    from knowfree_core.errors import ConfigError
+
+    missing = tmp_path / "no-such-pool.txt"
+    config = load_structured(PipelineConfig, None, [
+        "train_config=x.yaml", f"output_dir={tmp_path}",
+        f"custom_variants={{FU-news: {{self_training: true, unlabeled: {{input: [{missing}]}}}}}}"])
+    trained = []
+    cell = Cell(config, KnowFreeConfig(), tmp_path / "cell", trainer=lambda variant, final: trained.append(variant))
+    with pytest.raises(ConfigError, match="variant FU needs unlabeled.input"):
+        cell.run(["F", "FU"])
+    with pytest.raises(ConfigError, match=f"variant FU-news: unlabeled.input {missing} does not exist"):
+        cell.run(["F", "FU-news"])
+    assert trained == [] and not (tmp_path / "cell").exists()
+
+
 def test_a_custom_variant_with_its_own_annotation_gets_its_own_folders(tmp_path):
     from jobs.pipeline import Cell
     from knowfree_core.config import KnowFreeConfig
