@@ -116,7 +116,8 @@ def test_parquet_in_parquet_out_with_a_long_sentence_in_windows(ray_cluster, mod
     texts = [s.text for s in tiny_corpus(6, seed=8, with_extensions=False)] + [LONG * 2]
     pq.write_table(pa.table({"body": texts, "n": list(range(len(texts)))}), tmp_path / "docs.parquet")
     summary = run_prediction(_config(tmp_path, model_dir, [tmp_path / "docs.parquet"], "text_column=body",
-                                     "output_format=parquet", "max_units=40", "pool.num_actors=1"))
+                                     "output_format=parquet", "max_units=40", "pool.num_actors=1",
+                                     "pool.memory_mb=256"))  # a reservation Ray can honour
     rows = pq.read_table(tmp_path / "job" / "predictions.parquet").to_pylist()
     assert [row["id"] for row in rows] == [f"docs.parquet:{n}" for n in range(1, len(texts) + 1)]
     assert [row["text"] for row in rows] == texts
