@@ -79,6 +79,7 @@ from knowfree_core.records import Sentence
 from knowfree_core.report.document import markdown_table
 from knowfree_core.run import load_pool_and_dev, load_split, run_training, select_training_sentences
 from knowfree_core.safe_paths import child_path, plain_name
+from knowfree_core.annotation import check_inputs_exist
 from knowfree_core.self_training import PseudoLabelRule, select_pseudo_labeled
 from knowfree_core.synthesis import SynthesisSettings
 
@@ -93,6 +94,8 @@ ABLATIONS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     "F-cnn": ("fused", (), {"grid_mixer": "cnn"}),
 }
 VARIANTS = ("F", "FS", "FU", "FSU", "noext", "biaffine", *ABLATIONS)
+#: The built-in variants that train on F's labels of the ``unlabeled`` pool.
+SELF_TRAINING_VARIANTS = ("FU", "FSU")
 #: Each variant's training folder in a cell.
 TRAIN_DIRS = {"F": "train", "FS": "train_fs", "FU": "train_fu", "FSU": "train_fsu", "noext": "train_noext",
               "biaffine": "train_biaffine"} | {
@@ -245,10 +248,16 @@ class CellSettings:
         """The CPU slots the busiest stage needs at once: what a local cluster started for the
         cells must have, since it cannot grow later (a stage short of slots would wait forever,
         so ``init_ray`` refuses it). Slots are logical: more than the cores only queues work."""
-        pools = [self.annotate.pool, self.merge.pool, self.synthesis.pool, self.synthesis.label.pool,
-                 self.unlabeled.pool]
-        pools += [spec.pool(self.unlabeled).pool for spec in self.custom_variants.values() if spec.self_training]
+        pools = [self.annotate.pool, self.merge.pool, self.synthesis.pool, self.synthesis.label.pool]
+        pools += [stage.pool for stage in self.self_training_stages().values()]
         return max([self.train_resources.num_cpus] + [pool.cpu_slots() for pool in pools])
+
+    def self_training_stages(self) -> dict[str, UnlabeledStage]:
+        """Each self-training variant's pool settings, by name: FU's and FSU's are ``unlabeled``,
+        a custom self-training variant's are ``unlabeled`` with its own keys replaced."""
+        stages = {variant: self.unlabeled for variant in SELF_TRAINING_VARIANTS}
+        stages |= {name: spec.pool(self.unlabeled) for name, spec in self.custom_variants.items() if spec.self_training}
+        return stages
 
 
 @dataclass
@@ -533,15 +542,12 @@ class Cell:
     def check_pools(self, variants: List[str]) -> None:
         """Each self-training variant's pool is named and there before any stage runs: found
         missing only when the pool is labelled, it would stop the cell after F's training."""
-        stages = {v: self.config.unlabeled for v in ("FU", "FSU") if v in variants}
-        stages |= {v: spec.pool(self.config.unlabeled) for v, spec in self.config.custom_variants.items()
-                   if v in variants and spec.self_training}
-        for variant, stage in stages.items():
+        for variant, stage in self.config.self_training_stages().items():
+            if variant not in variants:
+                continue
             if not stage.input:
                 raise ConfigError(f"variant {variant} needs unlabeled.input: the unlabelled in-domain sentences")
-            missing = [item for item in stage.input if not Path(item).exists()]
-            if missing:
-                raise ConfigError(f"variant {variant}: unlabeled.input {', '.join(missing)} does not exist")
+            check_inputs_exist(stage.input, f"variant {variant}: unlabeled.input")
 
     def run(self, variants: List[str]) -> dict[str, dict]:
         self.check_pools(variants)

@@ -36,7 +36,7 @@ from .rowjob import (
     JobPaths, OutputFormat, PoolConfig, actor_restarts, check_or_start, count_done, map_rows_with_actors,
 )
 from knowfree_core import commandline
-from knowfree_core.annotation import collect_rows, prepare_input
+from knowfree_core.annotation import check_inputs_exist, collect_rows, prepare_input
 from knowfree_core.bounds import COUNT, check_bounds
 from knowfree_core.config import load_structured
 from knowfree_core.errors import ConfigError
@@ -156,8 +156,7 @@ def _dataset_inputs(config: PredictJobConfig, folder: Path) -> tuple[list[str], 
         if not _is_parquet(item, config.format):
             inputs.append(item)
             continue
-        if not Path(item).is_file():
-            raise ConfigError(f"input {item} does not exist")
+        check_inputs_exist([item])
         folder.mkdir(parents=True, exist_ok=True)
         converted = folder / f"{Path(item).stem}.jsonl"
         write_dataset(parquet_sentences(item, config.text_column, config.id_column, config.joiner), converted)

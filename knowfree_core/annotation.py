@@ -93,17 +93,23 @@ def _raw_text_sentences(path: Path, relative: str, joiner: str) -> Iterator[Sent
             yield Sentence(id=f"{relative}:{line_number}", units=units, joiner=joiner)
 
 
+def check_inputs_exist(inputs: Sequence[str | Path], what: str = "input") -> None:
+    """A ConfigError naming every input (file or folder) that is not there, ``what`` first."""
+    missing = [str(item) for item in inputs if not Path(item).exists()]
+    if missing:
+        raise ConfigError(f"{what} {', '.join(missing)} does not exist")
+
+
 def iter_input_sentences(
     inputs: Sequence[str | Path], format: str | None = None, read_options: dict | None = None, joiner: str = ""
 ) -> Iterator[Sentence]:
     """Sentences of every input, in order. A folder, or ``format="text"``, is raw text: one
     sentence per line, id ``<file>:<line>``. Dataset files keep their readers' ids, prefixed
     by the file stem when several files are given (ids must be unique across the job)."""
+    check_inputs_exist(inputs)
     multiple = len(inputs) > 1
     for item in inputs:
         path = Path(item)
-        if not path.exists():
-            raise ConfigError(f"input {path} does not exist")
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in RAW_TEXT_SUFFIXES)
             if not files:

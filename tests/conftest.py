@@ -45,16 +45,10 @@ def ray_cluster():
     env.update({k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU_")})
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # The raylet (and every worker it starts) inherits this process's environment at init.
-    outer_pythonpath = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (tests_dir, outer_pythonpath) if p)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", tests_dir, prepend=os.pathsep)
         # Logical CPU slots, not cores: the jobs' pipelines need a few at once (see jobs.common).
         ray.init(num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2,
                  runtime_env={"env_vars": env}, log_to_driver=False)
-    finally:
-        if outer_pythonpath is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = outer_pythonpath
     yield ray
     ray.shutdown()
